@@ -1,0 +1,3 @@
+from asyncpatterns.cli import main
+
+raise SystemExit(main())

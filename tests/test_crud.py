@@ -1,0 +1,221 @@
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+from sqlmodel import select
+
+from asyncpatterns import crud
+from asyncpatterns.db import make_session_maker
+from asyncpatterns.models import User, UserCreate
+from asyncpatterns.sqlwatch import watch_sql
+
+
+def make_users(n: int, prefix: str = "user") -> list[User]:
+    return [User(name=f"{prefix} {i}", email=f"{prefix}{i}@example.com") for i in range(n)]
+
+
+async def test_create_user_returns_it_with_an_id(session) -> None:
+    user = await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+    assert user.id is not None
+    assert user.is_active is True
+    assert (await crud.get_user(session, user.id)).email == "ada@example.com"
+
+
+async def test_duplicate_email_is_refused_and_nothing_lost(session) -> None:
+    await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+    with pytest.raises(crud.DuplicateEmailError, match="ada@example.com"):
+        await crud.create_user(session, User(name="Eve", email="ada@example.com"))
+    assert await crud.count_users(session) == 1
+    # the session is usable again after the failed insert
+    await crud.create_user(session, User(name="Bob", email="bob@example.com"))
+    assert await crud.count_users(session) == 2
+
+
+async def test_schema_lower_cases_emails_so_case_is_not_a_loophole(session) -> None:
+    first = User.model_validate(UserCreate(name="A", email="Ada@Example.com"))
+    await crud.create_user(session, first)
+    again = User.model_validate(UserCreate(name="B", email="ADA@example.COM"))
+    with pytest.raises(crud.DuplicateEmailError):
+        await crud.create_user(session, again)
+    assert (await crud.get_user_by_email(session, "ADA@EXAMPLE.COM")).name == "A"
+
+
+async def test_create_users_returns_ids_in_input_order(session) -> None:
+    users = make_users(25)
+    created = await crud.create_users(session, users)
+    assert [u.email for u in created] == [u.email for u in users]
+    assert all(u.id is not None for u in created)
+    assert len({u.id for u in created}) == 25
+    assert await crud.count_users(session) == 25
+
+
+async def test_create_users_of_nothing_sends_nothing(session) -> None:
+    assert await crud.create_users(session, []) == []
+
+
+async def test_create_users_10000_in_at_most_10_statements(engine) -> None:
+    async with make_session_maker(engine)() as session:
+        with watch_sql(engine) as sql:
+            created = await crud.create_users(session, make_users(10_000))
+    assert sql.count <= 10
+    assert len(created) == 10_000
+    assert len({u.id for u in created}) == 10_000
+    async with make_session_maker(engine)() as session:
+        assert await crud.count_users(session) == 10_000
+        stored = await crud.get_user(session, created[-1].id)
+        assert stored.email == created[-1].email
+
+
+async def test_create_users_without_returning_reads_ids_by_email(engine) -> None:
+    # MySQL 8 has no INSERT ... RETURNING: force that path on every backend.
+    dialect = engine.sync_engine.dialect
+    saved = dialect.insert_executemany_returning
+    dialect.insert_executemany_returning = False
+    try:
+        async with make_session_maker(engine)() as session:
+            created = await crud.create_users(session, make_users(1500))
+            ids = {u.email: u.id for u in created}
+            rows = (await session.exec(select(User.email, User.id))).all()
+    finally:
+        dialect.insert_executemany_returning = saved
+    assert ids == dict(rows)
+
+
+async def test_create_users_with_a_duplicate_stores_none(session) -> None:
+    await crud.create_user(session, User(name="x", email="user3@example.com"))
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        await crud.create_users(session, make_users(5))
+    assert await crud.count_users(session) == 1
+
+
+async def test_get_user_by_email_and_missing(session) -> None:
+    await crud.create_users(session, make_users(3))
+    assert (await crud.get_user_by_email(session, "user1@example.com")).name == "user 1"
+    assert await crud.get_user_by_email(session, "nobody@example.com") is None
+    assert await crud.get_user(session, 10**9) is None
+
+
+async def test_get_users_pages_in_id_order(session) -> None:
+    created = await crud.create_users(session, make_users(7))
+    page = await crud.get_users(session, skip=2, limit=3)
+    assert [u.id for u in page] == [u.id for u in created[2:5]]
+    assert await crud.get_users(session, skip=7) == []
+
+
+@pytest.mark.parametrize(
+    ("skip", "limit", "message"),
+    [
+        (-1, 10, "skip must be >= 0"),
+        (0, -1, "limit must be between"),
+        (0, 0, "limit"),
+        (0, 101, "limit must be between 1 and 100"),
+    ],
+)
+async def test_get_users_rejects_bad_pages(session, skip, limit, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        await crud.get_users(session, skip=skip, limit=limit)
+
+
+async def test_count_users(session) -> None:
+    assert await crud.count_users(session) == 0
+    await crud.create_users(session, make_users(4))
+    assert await crud.count_users(session) == 4
+
+
+async def test_update_user_changes_only_given_fields(session) -> None:
+    user = await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+    updated = await crud.update_user(session, user.id, {"name": "Ada L."})
+    assert (updated.name, updated.email) == ("Ada L.", "ada@example.com")
+    session.expunge_all()
+    assert (await crud.get_user(session, user.id)).name == "Ada L."
+
+
+async def test_update_unknown_user_is_none(session) -> None:
+    assert await crud.update_user(session, 10**9, {"name": "x"}) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"id": 777}, "id"),  # read-only: the sheet rewrote the primary key
+        ({"password": "x"}, "password"),  # unknown field
+        ({"name": 123}, "name"),  # the sheet stored '123'
+        ({"is_active": "no"}, "is_active"),
+        ({"name": None}, "name"),  # required field set to null
+        ({"email": "not-an-email"}, "email"),
+    ],
+)
+async def test_update_rejects_bad_fields_and_changes_nothing(session, data, field) -> None:
+    user = await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+    user_id = user.id
+    with pytest.raises(ValidationError) as info:
+        await crud.update_user(session, user_id, data)
+    assert info.value.errors()[0]["loc"][0] == field
+    session.expunge_all()
+    stored = await crud.get_user(session, user_id)
+    assert (stored.id, stored.name, stored.email) == (user_id, "Ada", "ada@example.com")
+
+
+async def test_update_to_another_users_email_is_refused(session) -> None:
+    await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+    bob = await crud.create_user(session, User(name="Bob", email="bob@example.com"))
+    bob_id = bob.id
+    with pytest.raises(crud.DuplicateEmailError):
+        await crud.update_user(session, bob_id, {"email": "ADA@example.com"})
+    session.expunge_all()
+    assert (await crud.get_user(session, bob_id)).email == "bob@example.com"
+
+
+async def test_deactivate_users_counts_only_changes(session) -> None:
+    created = await crud.create_users(session, make_users(5))
+    ids = [u.id for u in created[:3]]
+    assert await crud.deactivate_users(session, ids) == 3
+    assert await crud.deactivate_users(session, ids) == 0
+    assert await crud.deactivate_users(session, []) == 0
+    session.expunge_all()
+    active = [u.is_active for u in await crud.get_users(session)]
+    assert active == [False, False, False, True, True]
+
+
+async def test_delete_user(session) -> None:
+    user = await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+    assert await crud.delete_user(session, user.id) is True
+    assert await crud.delete_user(session, user.id) is False
+    assert await crud.get_user(session, user.id) is None
+
+
+async def test_delete_inactive_users(session) -> None:
+    created = await crud.create_users(session, make_users(5))
+    await crud.deactivate_users(session, [created[0].id, created[4].id])
+    assert await crud.delete_inactive_users(session) == 2
+    assert await crud.count_users(session) == 3
+    assert await crud.delete_inactive_users(session) == 0
+
+
+async def test_racing_creates_with_one_email_store_one_row(engine) -> None:
+    session_maker = make_session_maker(engine)
+
+    async def attempt(i: int) -> str:
+        async with session_maker() as session:
+            try:
+                await crud.create_user(session, User(name=f"n{i}", email="race@example.com"))
+            except crud.DuplicateEmailError:
+                return "duplicate"
+            return "created"
+
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(10)))
+    assert sorted(outcomes) == ["created"] + ["duplicate"] * 9
+    async with session_maker() as session:
+        assert await crud.count_users(session) == 1
+
+
+async def test_a_failed_write_keeps_the_session_and_its_objects(session) -> None:
+    created = await crud.create_users(session, make_users(3))
+    with pytest.raises(crud.DuplicateEmailError):
+        await crud.create_user(session, User(name="x", email="user0@example.com"))
+    with pytest.raises(crud.DuplicateEmailError):
+        await crud.update_user(session, created[1].id, {"email": "user2@example.com"})
+    # Only the failed write's savepoint was rolled back: nothing else expired,
+    # so reading these attributes needs no lazy load (no MissingGreenlet).
+    assert [u.email for u in created] == [f"user{i}@example.com" for i in range(3)]
+    assert await crud.count_users(session) == 3
