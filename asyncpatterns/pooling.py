@@ -1,0 +1,367 @@
+"""Connection pools: settings per backend, pool status, exhaustion, dead connections.
+
+Use this when more than one task talks to the database at once (a web server,
+a batch job with ``asyncio.gather``). What goes wrong without it:
+
+* **Exhaustion.** A pool hands out at most ``pool_size + max_overflow``
+  connections. Start more tasks than that and the rest wait ``pool_timeout``
+  seconds, then fail with ``sqlalchemy.exc.TimeoutError: QueuePool limit of
+  size 2 overflow 0 reached``. Bound the concurrency to the pool instead
+  (``gather_bounded``, an ``asyncio.Semaphore`` sized by ``pool_capacity``):
+  the extra tasks wait on the semaphore, which has no timeout, and all finish.
+* **Dead connections.** A server restart, a failover, an idle timeout
+  (MySQL's ``wait_timeout``) or a ``pg_terminate_backend`` / ``KILL`` closes
+  connections that still sit in your pool. Without ``pool_pre_ping`` the next
+  request that gets one fails; with it, the pool tests each connection as it
+  hands it out and silently replaces a dead one. The engine never needs a
+  process restart: after a failure the pool opens new connections by itself.
+* **Event loops.** A pooled connection belongs to the event loop that opened
+  it. Using the same engine from another loop (a thread running
+  ``asyncio.run``, a test framework that makes a loop per test) fails with
+  ``RuntimeError: ... attached to a different loop`` (and two live loops using
+  one connection at once can crash the driver outright). Make one engine per
+  loop and ``await engine.dispose()`` it before that loop ends, or use
+  ``NullPool`` (no connection outlives its checkout) for code that hops loops.
+
+The recommended settings, each with its reason, are in ``RECOMMENDED_SETTINGS``;
+the server defaults themselves live in ``db.SERVER_POOL_DEFAULTS`` (applied by
+``make_engine``), so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
+
+from sqlalchemy import bindparam, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.sql.elements import TextClause
+
+from asyncpatterns.config import backend_name
+from asyncpatterns.db import SERVER_POOL_DEFAULTS, make_engine
+
+T = TypeVar("T")
+
+
+class PoolSetting(NamedTuple):
+    """One recommended setting: where it applies, its value, and why."""
+
+    backend: str
+    setting: str
+    value: Any
+    reason: str
+
+
+_SERVERS = "postgresql, mysql"
+
+RECOMMENDED_SETTINGS: list[PoolSetting] = [
+    PoolSetting(
+        _SERVERS,
+        "pool_size",
+        SERVER_POOL_DEFAULTS["pool_size"],
+        "connections kept open per process; size it to the queries that truly run at "
+        "once, and keep processes x (pool_size + max_overflow) below the server's "
+        "max_connections (PostgreSQL 100, MySQL 151 by default)",
+    ),
+    PoolSetting(
+        _SERVERS,
+        "max_overflow",
+        SERVER_POOL_DEFAULTS["max_overflow"],
+        "extra connections for bursts, closed again when they are returned",
+    ),
+    PoolSetting(
+        _SERVERS,
+        "pool_timeout",
+        SERVER_POOL_DEFAULTS["pool_timeout"],
+        "seconds a task waits for a free connection before sqlalchemy.exc.TimeoutError; "
+        "a safety net, not flow control: bound your concurrency to the pool instead",
+    ),
+    PoolSetting(
+        _SERVERS,
+        "pool_recycle",
+        SERVER_POOL_DEFAULTS["pool_recycle"],
+        "replace connections older than this (seconds): below MySQL's wait_timeout "
+        "(28800 s by default, often 60-600 s on hosted servers) and any proxy or "
+        "firewall idle cut-off, so the server never closes one first",
+    ),
+    PoolSetting(
+        _SERVERS,
+        "pool_pre_ping",
+        SERVER_POOL_DEFAULTS["pool_pre_ping"],
+        "test each connection as it is checked out (one round trip) and replace it if "
+        "dead: survives restarts, failovers and killed connections",
+    ),
+    PoolSetting(
+        "sqlite (file)",
+        "poolclass",
+        "AsyncAdaptedQueuePool (default: size 5, overflow 10)",
+        "one connection per concurrent task, each in its own thread; WAL (set by "
+        "make_engine) lets readers run beside the single writer, and busy_timeout "
+        "makes a second writer wait instead of failing",
+    ),
+    PoolSetting(
+        "sqlite (:memory:)",
+        "poolclass",
+        "StaticPool (default)",
+        "every new connection to :memory: is a new, empty database, so all tasks share "
+        "one connection",
+    ),
+    PoolSetting(
+        "behind pgbouncer or another external pooler",
+        "poolclass",
+        "NullPool",
+        "the external pooler already pools; a second pool in the app holds server "
+        "slots idle and hides the pooler's limits",
+    ),
+    PoolSetting(
+        "code that hops event loops",
+        "poolclass",
+        "NullPool",
+        "a pooled connection belongs to the loop that opened it; with NullPool none "
+        "outlives its checkout, so each loop opens its own",
+    ),
+    PoolSetting(
+        "postgresql via pgbouncer, transaction mode (asyncpg)",
+        "connect_args",
+        "statement_cache_size=0, prepared_statement_cache_size=0, "
+        "prepared_statement_name_func=unique names",
+        "successive transactions may run on different server connections: a cached "
+        "prepared statement may not exist there, and asyncpg's numbered names "
+        "(__asyncpg_stmt_1__) collide with another client's",
+    ),
+]
+
+
+def pgbouncer_connect_args() -> dict[str, Any]:
+    """asyncpg options for pgbouncer in transaction (or statement) pooling mode.
+
+    No prepared-statement cache in asyncpg (``statement_cache_size``) nor in
+    SQLAlchemy (``prepared_statement_cache_size``), and a unique name for every
+    statement it still prepares, so names never collide on a shared connection.
+    """
+    return {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
+    }
+
+
+def make_pooler_engine(url: str | URL | None = None, **options: Any) -> AsyncEngine:
+    """An engine for a database behind an external pooler such as pgbouncer.
+
+    ``NullPool``: each checkout opens a connection (to the pooler, which is
+    cheap) and closes it on return. On PostgreSQL the asyncpg options of
+    ``pgbouncer_connect_args`` are added.
+    """
+    engine_options: dict[str, Any] = {"poolclass": NullPool, "pool_pre_ping": False}
+    if backend_name(url) == "postgresql":
+        engine_options["connect_args"] = pgbouncer_connect_args()
+    return make_engine(url, **{**engine_options, **options})
+
+
+class PoolStatus(NamedTuple):
+    """A snapshot of a pool, as a plain record (a list of them is a DataFrame).
+
+    ``overflow`` counts the connections open beyond ``size`` right now. Pools
+    that do not count (NullPool, StaticPool) report ``None``.
+    """
+
+    pool: str
+    size: int | None
+    max_overflow: int | None
+    checked_in: int | None
+    checked_out: int | None
+    overflow: int | None
+
+
+def pool_status(engine: AsyncEngine) -> PoolStatus:
+    """Size, idle (checked in), in use (checked out) and overflow of the engine's pool."""
+    pool = engine.pool
+    name = type(pool).__name__
+    if not isinstance(pool, QueuePool):
+        return PoolStatus(name, None, None, None, None, None)
+    return PoolStatus(
+        pool=name,
+        size=pool.size(),
+        max_overflow=pool._max_overflow,  # no public accessor in SQLAlchemy
+        checked_in=pool.checkedin(),
+        checked_out=pool.checkedout(),
+        overflow=max(pool.overflow(), 0),
+    )
+
+
+def pool_capacity(engine: AsyncEngine) -> int | None:
+    """How many connections the pool hands out at once (``None``: no limit)."""
+    status = pool_status(engine)
+    if status.size is None or status.max_overflow is None:
+        return None
+    if status.max_overflow < 0:  # max_overflow=-1 means unlimited overflow
+        return None
+    return status.size + status.max_overflow
+
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """Like ``asyncio.gather``, but the first error cancels the other tasks.
+
+    It waits for the cancelled tasks to finish, so every connection they held
+    is back in the pool before the error reaches you (plain ``gather`` leaves
+    them running in the background).
+    """
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    if not tasks:
+        return []
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()  # does nothing to a task that has finished
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        error = task.exception() if task in done else None
+        if error is not None:
+            raise error  # the first error: the one that stopped the others
+    return [task.result() for task in tasks]
+
+
+async def gather_bounded(jobs: Iterable[Callable[[], Awaitable[T]]], limit: int | None) -> list[T]:
+    """Run every job, at most ``limit`` at a time; results in job order.
+
+    With ``limit = pool_capacity(engine)`` no job ever waits for the pool, so
+    ``pool_timeout`` cannot fire however many jobs there are: they queue on
+    the semaphore instead. ``None`` (a pool without a limit, like NullPool)
+    runs them all at once.
+    """
+    jobs = list(jobs)
+    semaphore = asyncio.Semaphore(limit or len(jobs) or 1)
+
+    async def run(job: Callable[[], Awaitable[T]]) -> T:
+        async with semaphore:
+            return await job()
+
+    return await gather_or_cancel(*(run(job) for job in jobs))
+
+
+async def hold_connection(engine: AsyncEngine, seconds: float) -> None:
+    """Check out a connection, run one query, and keep it ``seconds`` (a slow request)."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        await asyncio.sleep(seconds)
+
+
+@asynccontextmanager
+async def checked_out(engine: AsyncEngine, count: int) -> AsyncIterator[list[AsyncConnection]]:
+    """Hold ``count`` connections of the engine at once (a burst), then return them."""
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(engine.connect()) for _ in range(count)]
+
+
+def slow_query(engine: AsyncEngine, seconds: float) -> TextClause:
+    """A query that takes ``seconds`` in the database: a stand-in for real work.
+
+    PostgreSQL ``pg_sleep``, MySQL ``SLEEP``. SQLite has no sleep function, so
+    this registers one on the engine's *new* connections: call it before the
+    engine opens its first connection.
+    """
+    backend = engine.dialect.name
+    if backend == "postgresql":
+        return text(f"SELECT pg_sleep({float(seconds)})")
+    if backend == "mysql":
+        return text(f"SELECT SLEEP({float(seconds)})")
+    if not event.contains(engine.sync_engine, "connect", _add_sqlite_sleep):
+        event.listen(engine.sync_engine, "connect", _add_sqlite_sleep)
+    return text(f"SELECT sleep({float(seconds)})")
+
+
+def _add_sqlite_sleep(dbapi_connection: Any, _record: Any) -> None:
+    # Runs in the connection's own thread, like a query waiting on disk.
+    dbapi_connection.create_function("sleep", 1, time.sleep)
+
+
+async def measure_throughput(
+    engine: AsyncEngine,
+    statement: TextClause,
+    queries: int,
+    concurrency: int | None = None,
+) -> float:
+    """Queries per second: ``statement`` run ``queries`` times, one checkout each.
+
+    At most ``concurrency`` run at once (default: the pool's capacity, so no
+    task waits for the pool). Compare engines made with different
+    ``pool_size`` (and ``max_overflow=0``) to see what the pool size buys.
+    The connections are opened before the clock starts: opening them is a
+    one-off cost that would otherwise count against the bigger pools.
+    """
+    capacity = pool_capacity(engine)
+    limit = concurrency or capacity or queries
+    async with checked_out(engine, min(limit, capacity or 0)):
+        pass
+    jobs = [partial(_execute_once, engine, statement)] * queries
+    start = time.perf_counter()
+    await gather_bounded(jobs, limit)
+    return queries / (time.perf_counter() - start)
+
+
+async def _execute_once(engine: AsyncEngine, statement: TextClause) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(statement)
+
+
+async def server_connection_id(conn: AsyncConnection) -> int:
+    """The server's id for this connection (``pg_backend_pid()``, ``CONNECTION_ID()``)."""
+    backend = conn.dialect.name
+    if backend not in _CONNECTION_ID_QUERIES:
+        raise ValueError(f"{backend} has no server connections to identify")
+    return (await conn.execute(text(_CONNECTION_ID_QUERIES[backend]))).scalar_one()
+
+
+_CONNECTION_ID_QUERIES = {
+    "postgresql": "SELECT pg_backend_pid()",
+    "mysql": "SELECT CONNECTION_ID()",
+}
+
+
+async def pooled_connection_ids(engine: AsyncEngine) -> list[int]:
+    """Server ids of the idle connections in the engine's pool (opens none)."""
+    idle = pool_status(engine).checked_in or 0
+    async with checked_out(engine, idle) as conns:
+        return [await server_connection_id(conn) for conn in conns]
+
+
+async def terminate_connections(admin: AsyncEngine, ids: Iterable[int]) -> None:
+    """Have the server close these connections, as a restart or an admin would.
+
+    PostgreSQL ``pg_terminate_backend``, MySQL ``KILL CONNECTION``, sent from
+    ``admin`` (another engine); waits until the server no longer lists them.
+    """
+    targets = [int(i) for i in ids]
+    postgres = admin.dialect.name == "postgresql"
+    async with admin.connect() as conn:
+        for connection_id in targets:
+            if postgres:
+                await conn.execute(text("SELECT pg_terminate_backend(:id)"), {"id": connection_id})
+            else:
+                await conn.execute(text(f"KILL CONNECTION {connection_id}"))
+        for _ in range(500):  # the server closes them within milliseconds
+            if not await _still_listed(conn, targets, postgres):
+                return
+            await asyncio.sleep(0.01)
+    raise RuntimeError(f"the server still lists connections {targets} after 5 s")
+
+
+async def _still_listed(conn: AsyncConnection, ids: list[int], postgres: bool) -> bool:
+    listing = (
+        "SELECT count(*) FROM pg_stat_activity WHERE pid IN :ids"
+        if postgres
+        else "SELECT count(*) FROM information_schema.PROCESSLIST WHERE ID IN :ids"
+    )
+    statement = text(listing).bindparams(bindparam("ids", expanding=True))
+    result = await conn.execute(statement, {"ids": ids})
+    await conn.rollback()  # a new snapshot of the server's activity next time
+    return bool(result.scalar_one())
