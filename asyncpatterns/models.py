@@ -23,7 +23,11 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Relationship, SQLModel
 
 CENT = Decimal("0.01")
-EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+# PostgreSQL cannot store NUL characters in text: refuse them on input, everywhere.
+TEXT_PATTERN = r"^[^\x00]*$"
+EMAIL_PATTERN = r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$"
+# Primary and foreign keys are 32-bit INTEGER columns on PostgreSQL and MySQL.
+MAX_ID = 2**31 - 1
 
 
 class Money(TypeDecorator[Decimal]):
@@ -67,7 +71,7 @@ class Team(AsyncAttrs, SQLModel, table=True):
 
 
 class UserBase(SQLModel):
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=100, schema_extra={"pattern": TEXT_PATTERN})
     email: str = Field(max_length=255, schema_extra={"pattern": EMAIL_PATTERN})
 
 
@@ -118,7 +122,7 @@ class _StrictInput(SQLModel):
 
 
 class UserCreate(_StrictInput, UserBase):
-    team_id: int | None = None
+    team_id: int | None = Field(default=None, ge=1, le=MAX_ID)
 
 
 class UserRead(UserBase):
@@ -134,10 +138,12 @@ class UserUpdate(_StrictInput):
     ``team_id`` may be null (leave the team).
     """
 
-    name: str | None = Field(default=None, min_length=1, max_length=100)
+    name: str | None = Field(
+        default=None, min_length=1, max_length=100, schema_extra={"pattern": TEXT_PATTERN}
+    )
     email: str | None = Field(default=None, max_length=255, schema_extra={"pattern": EMAIL_PATTERN})
     is_active: bool | None = None
-    team_id: int | None = None
+    team_id: int | None = Field(default=None, ge=1, le=MAX_ID)
 
     @field_validator("name", "email", "is_active")
     @classmethod

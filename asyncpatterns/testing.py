@@ -26,26 +26,41 @@ Fixtures:
 * ``engine`` -- an engine on it; rows committed by the test are deleted after it.
 * ``session`` -- a session whose work is rolled back after the test, even if
   the code under test calls ``commit()``.
+* ``app`` -- the kit's FastAPI app on the test database (override this fixture
+  in your ``conftest.py`` to test your own app built the same way).
+* ``client`` -- an ``httpx.AsyncClient`` calling ``app`` in-process, every
+  request on the test ``session``: rolled back after the test. One request at
+  a time (a session is not safe for concurrent use).
+* ``live_client`` -- the same, but each request gets its own session from
+  ``engine``: commits are real and requests may run concurrently (races).
+  Rows are deleted after the test.
 """
 
 import asyncio
 import os
 import tempfile
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import pytest_asyncio
-from sqlalchemy import delete, text
+from fastapi import FastAPI
+from sqlalchemy import delete
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from asyncpatterns.api import create_app, get_session
 from asyncpatterns.config import DatabaseUnavailableError
-from asyncpatterns.db import create_db_and_tables, make_engine
+from asyncpatterns.db import (
+    create_db_and_tables,
+    make_engine,
+    make_session_maker,
+    throwaway_database,
+)
 
 BACKENDS = ("sqlite", "postgresql", "mysql")
 SERVER_URL_VARIABLES = {
@@ -57,25 +72,6 @@ SERVER_URL_VARIABLES = {
 def required_backends() -> set[str]:
     names = os.environ.get("ASYNCPATTERNS_REQUIRE_BACKENDS", "")
     return {name.strip() for name in names.split(",") if name.strip()}
-
-
-@asynccontextmanager
-async def throwaway_database(server_url: str | URL) -> AsyncIterator[URL]:
-    """Create a uniquely named database on a server, yield its URL, drop it."""
-    server = make_url(server_url)
-    name = f"asyncpatterns_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(server, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(text(f"CREATE DATABASE {name}"))
-        try:
-            yield server.set(database=name)
-        finally:
-            force = " WITH (FORCE)" if server.get_backend_name() == "postgresql" else ""
-            async with admin.connect() as conn:
-                await conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
-    finally:
-        await admin.dispose()
 
 
 async def _create_schema(url: URL) -> None:
@@ -108,7 +104,7 @@ def database_url(backend: str) -> Iterator[URL]:
             yield url
         return
     # Created and dropped on a short-lived loop of its own: no engine crosses loops.
-    manager = throwaway_database(os.environ[SERVER_URL_VARIABLES[backend]])
+    manager = throwaway_database(os.environ[SERVER_URL_VARIABLES[backend]], "asyncpatterns_test")
     loop = asyncio.new_event_loop()
     try:
         try:
@@ -143,14 +139,16 @@ async def engine(_session_engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def session(_session_engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
+async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
     """A session inside a transaction that is rolled back after the test.
 
     ``commit()`` in the code under test only releases a savepoint
     (``join_transaction_mode="create_savepoint"``), so nothing reaches the
-    database for the next test to see.
+    database for the next test to see. It depends on ``engine`` so that its
+    transaction always ends before the engine's cleanup runs (on SQLite an open
+    write transaction would lock that cleanup out).
     """
-    async with _session_engine.connect() as connection:
+    async with engine.connect() as connection:
         transaction = await connection.begin()
         session_maker = async_sessionmaker(
             bind=connection,
@@ -161,3 +159,48 @@ async def session(_session_engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
         async with session_maker() as session:
             yield session
         await transaction.rollback()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def app(database_url: URL) -> AsyncIterator[FastAPI]:
+    """The kit's app on the test database. Its lifespan is not run: the tables exist."""
+    app = create_app(database_url)
+    yield app
+    await app.state.engine.dispose()
+
+
+@asynccontextmanager
+async def _client_for(
+    app: FastAPI, sessions: Callable[[], AsyncIterator[AsyncSession]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    app.dependency_overrides[get_session] = sessions
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+    finally:
+        app.dependency_overrides.pop(get_session, None)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(app: FastAPI, session: AsyncSession) -> AsyncIterator[httpx.AsyncClient]:
+    """Requests to ``app`` in-process, all on the rolled-back test ``session``."""
+
+    async def test_session() -> AsyncIterator[AsyncSession]:
+        yield session
+
+    async with _client_for(app, test_session) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def live_client(app: FastAPI, engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    """Requests to ``app`` in-process, each in its own real session (commits are real)."""
+    session_maker = make_session_maker(engine)
+
+    async def real_session() -> AsyncIterator[AsyncSession]:
+        async with session_maker() as session:
+            yield session
+
+    async with _client_for(app, real_session) as client:
+        yield client

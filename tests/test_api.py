@@ -1,0 +1,502 @@
+"""The FastAPI app, on every backend: each endpoint, and bad input never a 500."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DatabaseError
+
+from asyncpatterns.api import create_app
+from asyncpatterns.cli import TOUR_STEPS
+from asyncpatterns.config import DatabaseUnavailableError
+from asyncpatterns.db import throwaway_database
+from asyncpatterns.sqlwatch import watch_sql
+from asyncpatterns.testing import SERVER_URL_VARIABLES
+
+ADA = {"name": "Ada", "email": "ada@example.com"}
+BOB = {"name": "Bob", "email": "bob@example.com"}
+
+
+async def post_user(client: httpx.AsyncClient, body: dict) -> dict:
+    response = await client.post("/users/", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+# -- POST /users/ ----------------------------------------------------------------------
+
+
+async def test_create_user_returns_201_and_the_stored_user(client) -> None:
+    response = await client.post("/users/", json={"name": "Ada", "email": "Ada@Example.com"})
+    assert response.status_code == 201
+    user = response.json()
+    assert user == {
+        "id": user["id"],
+        "name": "Ada",
+        "email": "ada@example.com",
+        "is_active": True,
+        "team_id": None,
+    }
+    assert (await client.get(f"/users/{user['id']}")).json() == user
+
+
+async def test_duplicate_email_is_400_and_stores_nothing(client) -> None:
+    await post_user(client, ADA)
+    response = await client.post("/users/", json={"name": "Eve", "email": "ADA@example.com"})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Email already registered"}
+    assert [u["name"] for u in (await client.get("/users/")).json()] == ["Ada"]
+
+
+async def test_twenty_racing_posts_with_one_email_store_one_row(live_client) -> None:
+    bodies = [{"name": f"Racer {i}", "email": "race@example.com"} for i in range(20)]
+    responses = await asyncio.gather(*(live_client.post("/users/", json=b) for b in bodies))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] + [400] * 19
+    refusals = {r.json()["detail"] for r in responses if r.status_code == 400}
+    assert refusals == {"Email already registered"}
+    stored = (await live_client.get("/users/")).json()
+    assert [u["email"] for u in stored] == ["race@example.com"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "Ada"},
+        {"name": "", "email": "ada@example.com"},
+        {"name": "Ada", "email": "not-an-email"},
+        {"name": "Ada", "email": "ada@example.com", "id": 7},
+        {"name": "Ada", "email": "ada@example.com", "is_active": False},
+        {"name": 123, "email": "ada@example.com"},
+        {"name": "A\x00da", "email": "ada@example.com"},
+        {"name": "Ada", "email": "ada@example.com", "team_id": 2**31},
+    ],
+    ids=["missing", "empty", "email", "id", "read-only", "type", "nul", "huge-team"],
+)
+async def test_invalid_user_is_422_and_stores_nothing(client, body) -> None:
+    assert (await client.post("/users/", json=body)).status_code == 422
+    assert (await client.get("/users/")).json() == []
+
+
+async def test_unknown_team_is_404(client) -> None:
+    response = await client.post("/users/", json={**ADA, "team_id": 12345})
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Team 12345 not found"}
+    assert (await client.get("/users/")).json() == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"name": "Ada", ', b"name=Ada", b'{"name": NaN, "email": Infinity}', b"[1, 2]", b""],
+    ids=["truncated", "form", "nan", "array", "empty"],
+)
+async def test_malformed_json_is_422(client, content) -> None:
+    headers = {"content-type": "application/json"}
+    response = await client.post("/users/", content=content, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+async def test_body_that_is_not_utf8_is_400(client) -> None:
+    headers = {"content-type": "application/json"}
+    response = await client.post("/accounts/", content=b'{"owner": "\xff"}', headers=headers)
+    assert response.status_code == 400
+
+
+# -- GET /users/{id} and /users/ ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user_id", ["999", "0", "-1", str(2**31), str(2**70), "abc"])
+async def test_unknown_or_invalid_id_is_404_or_422(client, user_id) -> None:
+    response = await client.get(f"/users/{user_id}")
+    assert response.status_code == (404 if user_id == "999" else 422)
+
+
+async def test_list_pages_in_id_order(client) -> None:
+    for i in range(5):
+        await post_user(client, {"name": f"User {i}", "email": f"user{i}@example.com"})
+    page = (await client.get("/users/", params={"skip": 1, "limit": 2})).json()
+    assert [u["name"] for u in page] == ["User 1", "User 2"]
+    assert len((await client.get("/users/")).json()) == 5
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"skip": -1}, {"limit": 0}, {"limit": -1}, {"limit": 101}, {"limit": 100000}, {"skip": "x"}],
+)
+async def test_out_of_range_paging_is_422(client, params) -> None:
+    assert (await client.get("/users/", params=params)).status_code == 422
+
+
+async def test_limit_100_is_the_most_one_page_returns(client) -> None:
+    for i in range(101):
+        await post_user(client, {"name": f"User {i}", "email": f"user{i}@example.com"})
+    assert len((await client.get("/users/", params={"limit": 100})).json()) == 100
+    assert len((await client.get("/users/", params={"skip": 100})).json()) == 1
+
+
+# -- PATCH /users/{id} ------------------------------------------------------------------
+
+
+async def test_patch_changes_only_the_fields_sent(client) -> None:
+    ada = await post_user(client, ADA)
+    response = await client.patch(f"/users/{ada['id']}", json={"name": "Ada Lovelace"})
+    assert response.status_code == 200
+    assert response.json() == {**ada, "name": "Ada Lovelace"}
+    response = await client.patch(f"/users/{ada['id']}", json={"is_active": False})
+    assert response.json() == {**ada, "name": "Ada Lovelace", "is_active": False}
+
+
+async def test_patch_to_another_users_email_is_400_and_changes_nothing(client) -> None:
+    ada = await post_user(client, ADA)
+    bob = await post_user(client, BOB)
+    response = await client.patch(f"/users/{bob['id']}", json={"email": "Ada@example.com"})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Email already registered"}
+    assert (await client.get(f"/users/{bob['id']}")).json() == bob
+    assert (await client.get(f"/users/{ada['id']}")).json() == ada
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": None},
+        {"email": None},
+        {"is_active": None},
+        {"id": 777},
+        {"name": 123},
+        {"is_active": "yes"},
+        {"email": "nope"},
+        {"unknown": 1},
+    ],
+    ids=["null-name", "null-email", "null-active", "id", "int-name", "str-bool", "email", "extra"],
+)
+async def test_invalid_patch_is_422_and_changes_nothing(client, body) -> None:
+    ada = await post_user(client, ADA)
+    assert (await client.patch(f"/users/{ada['id']}", json=body)).status_code == 422
+    assert (await client.get(f"/users/{ada['id']}")).json() == ada
+
+
+async def test_patch_team_id_null_leaves_the_team(client) -> None:
+    team = (await client.post("/teams/", json={"name": "Core"})).json()
+    ada = await post_user(client, {**ADA, "team_id": team["id"]})
+    assert ada["team_id"] == team["id"]
+    response = await client.patch(f"/users/{ada['id']}", json={"team_id": None})
+    assert response.json()["team_id"] is None
+    missing = await client.patch(f"/users/{ada['id']}", json={"team_id": 12345})
+    assert (missing.status_code, missing.json()) == (404, {"detail": "Team 12345 not found"})
+
+
+async def test_patch_unknown_user_is_404(client) -> None:
+    response = await client.patch("/users/999", json={"name": "Nobody"})
+    assert (response.status_code, response.json()) == (404, {"detail": "User not found"})
+
+
+# -- DELETE /users/{id} ---------------------------------------------------------------
+
+
+async def test_delete_user_then_it_is_gone(client) -> None:
+    ada = await post_user(client, ADA)
+    response = await client.delete(f"/users/{ada['id']}")
+    assert (response.status_code, response.json()) == (200, {"ok": True})
+    assert (await client.get(f"/users/{ada['id']}")).status_code == 404
+    assert (await client.delete(f"/users/{ada['id']}")).status_code == 404
+
+
+# -- Teams -----------------------------------------------------------------------------
+
+
+async def test_team_is_read_with_its_members(client) -> None:
+    team = (await client.post("/teams/", json={"name": "Core"})).json()
+    assert team == {"id": team["id"], "name": "Core", "members": []}
+    ada = await post_user(client, {**ADA, "team_id": team["id"]})
+    bob = await post_user(client, {**BOB, "team_id": team["id"]})
+    response = await client.get(f"/teams/{team['id']}")
+    assert response.json() == {"id": team["id"], "name": "Core", "members": [ada, bob]}
+
+
+async def test_teams_list_loads_members_in_two_statements(engine, client) -> None:
+    # engine first: its cleanup must run after the client's transaction is rolled back
+    for t in range(5):
+        team = (await client.post("/teams/", json={"name": f"Team {t}"})).json()
+        for m in range(3):
+            body = {"name": f"M{m}", "email": f"t{t}m{m}@example.com", "team_id": team["id"]}
+            await post_user(client, body)
+    with watch_sql(engine) as sql:
+        teams = (await client.get("/teams/")).json()
+    assert sql.count == 2
+    assert [len(t["members"]) for t in teams] == [3] * 5
+
+
+async def test_duplicate_team_name_is_400(client) -> None:
+    await client.post("/teams/", json={"name": "Core"})
+    response = await client.post("/teams/", json={"name": "Core"})
+    assert (response.status_code, response.json()) == (400, {"detail": "Team name already taken"})
+
+
+@pytest.mark.parametrize("body", [{}, {"name": ""}, {"name": "x" * 101}, {"name": 5}])
+async def test_invalid_team_is_422(client, body) -> None:
+    assert (await client.post("/teams/", json=body)).status_code == 422
+
+
+async def test_unknown_team_id_is_404(client) -> None:
+    response = await client.get("/teams/999")
+    assert (response.status_code, response.json()) == (404, {"detail": "Team not found"})
+
+
+# -- Accounts --------------------------------------------------------------------------
+
+
+async def test_account_balance_is_exact_and_returned_as_text(client) -> None:
+    response = await client.post("/accounts/", json={"owner": "Ada", "balance": 0.1})
+    assert response.status_code == 201
+    account = response.json()
+    assert account == {"id": account["id"], "owner": "Ada", "balance": "0.10"}
+    assert (await client.get(f"/accounts/{account['id']}")).json() == account
+
+
+@pytest.mark.parametrize("balance", [-1, "0.001", "1e30", "abc", None, True], ids=str)
+async def test_invalid_balance_is_422(client, balance) -> None:
+    response = await client.post("/accounts/", json={"owner": "Ada", "balance": balance})
+    assert response.status_code == 422
+
+
+async def test_unknown_account_is_404(client) -> None:
+    response = await client.get("/accounts/999")
+    assert (response.status_code, response.json()) == (404, {"detail": "Account not found"})
+
+
+async def open_account(client: httpx.AsyncClient, owner: str, balance: str) -> int:
+    response = await client.post("/accounts/", json={"owner": owner, "balance": balance})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+async def test_transfer_moves_money_and_returns_both_balances(client) -> None:
+    ada = await open_account(client, "Ada", "100.00")
+    bob = await open_account(client, "Bob", "0.00")
+    await client.get(f"/accounts/{ada}")  # loaded in the session before the transfer
+    body = {"from_id": ada, "to_id": bob, "amount": "30.10"}
+    response = await client.post("/transfers/", json=body)
+    assert response.status_code == 200
+    assert response.json() == {
+        "from_account": {"id": ada, "owner": "Ada", "balance": "69.90"},
+        "to_account": {"id": bob, "owner": "Bob", "balance": "30.10"},
+    }
+    assert (await client.get(f"/accounts/{ada}")).json()["balance"] == "69.90"
+
+
+async def test_insufficient_funds_is_409_with_the_reason(client) -> None:
+    ada = await open_account(client, "Ada", "10.00")
+    bob = await open_account(client, "Bob", "0.00")
+    response = await client.post("/transfers/", json={"from_id": ada, "to_id": bob, "amount": 11})
+    assert response.status_code == 409
+    assert response.json() == {"detail": f"Insufficient funds in account {ada} for 11"}
+    for account, balance in [(ada, "10.00"), (bob, "0.00")]:
+        assert (await client.get(f"/accounts/{account}")).json()["balance"] == balance
+
+
+@pytest.mark.parametrize("missing", ["from_id", "to_id"])
+async def test_transfer_with_an_unknown_account_is_404(client, missing) -> None:
+    ada = await open_account(client, "Ada", "10.00")
+    body = {"from_id": ada, "to_id": ada, "amount": "1.00", missing: 999}
+    response = await client.post("/transfers/", json=body)
+    assert (response.status_code, response.json()) == (404, {"detail": "Account 999 not found"})
+    assert (await client.get(f"/accounts/{ada}")).json()["balance"] == "10.00"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"amount": 0},
+        {"amount": "-5"},
+        {"amount": "0.001"},
+        {"amount": None},
+        {"to_id": 1},
+        {"from_id": 0},
+        {"from_id": "1"},
+        {"to_id": True},
+        {"extra": 1},
+    ],
+    ids=[
+        "zero",
+        "negative",
+        "fraction-of-cent",
+        "null",
+        "same-account",
+        "id-0",
+        "id-text",
+        "id-bool",
+        "extra",
+    ],
+)
+async def test_invalid_transfer_is_422(client, change) -> None:
+    body = {"from_id": 1, "to_id": 2, "amount": "1.00", **change}
+    assert (await client.post("/transfers/", json=body)).status_code == 422
+
+
+async def test_concurrent_transfers_never_overdraw(live_client) -> None:
+    ada = await open_account(live_client, "Ada", "100.00")
+    bob = await open_account(live_client, "Bob", "0.00")
+    body = {"from_id": ada, "to_id": bob, "amount": "10.00"}
+    responses = await asyncio.gather(
+        *(live_client.post("/transfers/", json=body) for _ in range(15))
+    )
+    assert sorted(r.status_code for r in responses) == [200] * 10 + [409] * 5
+    balances = [(await live_client.get(f"/accounts/{a}")).json()["balance"] for a in (ada, bob)]
+    assert balances == ["0.00", "100.00"]
+
+
+# -- Lifespan and an unreachable database ---------------------------------------------------
+
+
+def unreachable_url(backend: str, folder: Path) -> URL:
+    if backend == "sqlite":
+        return make_url(f"sqlite+aiosqlite:///{folder / 'no-such-folder' / 'app.db'}")
+    return make_url(os.environ[SERVER_URL_VARIABLES[backend]]).set(host="127.0.0.1", port=9)
+
+
+async def test_unreachable_database_is_503_with_a_reason(backend, tmp_path, caplog) -> None:
+    app = create_app(unreachable_url(backend, tmp_path))
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for response in [
+                await client.get("/users/1"),
+                await client.post("/users/", json=ADA),
+                await client.get("/teams/"),
+            ]:
+                assert response.status_code == 503
+                assert response.json() == {
+                    "detail": "Database unavailable: cannot connect to the database"
+                }
+                assert response.headers["retry-after"] == "5"
+        with pytest.raises(DatabaseUnavailableError):  # and the app does not start
+            async with app.router.lifespan_context(app):
+                pass
+    finally:
+        await app.state.engine.dispose()
+    assert "Cannot connect to" in caplog.text  # the details go to the log
+
+
+@pytest.fixture
+async def empty_database_url(backend: str, tmp_path: Path):
+    """A database with no tables at all."""
+    if backend == "sqlite":
+        yield make_url(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+        return
+    async with throwaway_database(os.environ[SERVER_URL_VARIABLES[backend]]) as url:
+        yield url
+
+
+async def test_without_the_lifespan_there_are_no_tables(empty_database_url) -> None:
+    app = create_app(empty_database_url)
+    transport = httpx.ASGITransport(app=app)  # does not run the lifespan (AUDIT #6)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            with pytest.raises(DatabaseError):  # "no such table" / "relation does not exist"
+                await client.get("/users/")
+            async with app.router.lifespan_context(app):
+                assert (await client.post("/users/", json=ADA)).status_code == 201
+                assert len((await client.get("/users/")).json()) == 1
+    finally:
+        await app.state.engine.dispose()
+    async with app.state.engine.connect() as conn:
+        tables = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+    await app.state.engine.dispose()
+    assert {"user", "team", "account", "profile"} <= set(tables)
+
+
+# -- python -m asyncpatterns serve, and the tour ----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_serve_answers_over_http(database_url) -> None:
+    port = free_port()
+    url = database_url.render_as_string(hide_password=False)
+    command = ["-m", "asyncpatterns", "serve", "--url", url, "--port", str(port)]
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *command,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(150):  # start-up: up to 15 s
+                try:
+                    response = await client.get("/users/")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.1)
+            assert (response.status_code, response.json()) == (200, [])
+            assert "/transfers/" in (await client.get("/openapi.json")).json()["paths"]
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+def test_serve_on_an_unreachable_database_fails_in_one_line(tmp_path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'no-such-folder' / 'app.db'}"
+    command = [sys.executable, "-m", "asyncpatterns", "serve", "--url", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: Cannot connect to")
+    assert result.stderr.count("\n") == 1
+
+
+async def test_tour_step_races_and_refuses_bad_input(engine) -> None:
+    lines = await dict(TOUR_STEPS)["FastAPI"](engine)
+    assert lines == [
+        "20 racing POSTs, one email: 1 stored (201), 19 refused (400 Email already registered)",
+        "bad input: limit=1000 -> 422, name null -> 422, unknown id -> 404",
+    ]
+
+
+# -- OpenAPI -------------------------------------------------------------------------------
+
+
+EXPECTED_ERRORS = {
+    ("post", "/users/"): {"400", "404", "422", "503"},
+    ("get", "/users/"): {"422", "503"},
+    ("get", "/users/{user_id}"): {"404", "422", "503"},
+    ("patch", "/users/{user_id}"): {"400", "404", "422", "503"},
+    ("delete", "/users/{user_id}"): {"404", "422", "503"},
+    ("post", "/teams/"): {"400", "422", "503"},
+    ("get", "/teams/"): {"422", "503"},
+    ("get", "/teams/{team_id}"): {"404", "422", "503"},
+    ("post", "/accounts/"): {"400", "422", "503"},
+    ("get", "/accounts/{account_id}"): {"404", "422", "503"},
+    ("post", "/transfers/"): {"400", "404", "409", "422", "503"},
+}
+
+
+async def test_openapi_documents_every_answer(app) -> None:
+    schema = app.openapi()
+    operations = {
+        (method, path): operation
+        for path, methods in schema["paths"].items()
+        for method, operation in methods.items()
+    }
+    assert set(operations) == set(EXPECTED_ERRORS)
+    for key, operation in operations.items():
+        answers = operation["responses"]
+        success = [code for code in answers if code.startswith("2")]
+        assert len(success) == 1, key
+        assert answers[success[0]]["content"]["application/json"]["schema"], key
+        assert set(answers) - set(success) == EXPECTED_ERRORS[key], key
+        for code in EXPECTED_ERRORS[key] - {"422"}:
+            error_schema = answers[code]["content"]["application/json"]["schema"]
+            assert error_schema == {"$ref": "#/components/schemas/ErrorMessage"}, key
