@@ -1,0 +1,150 @@
+"""The bench's scenarios and command, smoke-run with tiny sizes on every backend.
+
+Timings are never asserted: only the structure of the results, the statement
+counts each variant sends, and that bench leaves the user's data alone.
+"""
+
+import asyncio
+import json
+import os
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import text
+from sqlmodel import select
+
+from asyncpatterns import bench, crud
+from asyncpatterns.cli import main
+from asyncpatterns.db import make_engine, make_session_maker, throwaway_database
+from asyncpatterns.models import Account, Team, User
+
+
+def by_variant(results: list[bench.Result]) -> dict[str, bench.Result]:
+    return {r.variant: r for r in results}
+
+
+async def count_rows(engine, model) -> int:
+    async with make_session_maker(engine)() as session:
+        return len((await session.exec(select(model))).all())
+
+
+async def test_bulk_insert_counts_statements_per_variant(engine, backend) -> None:
+    results = by_variant(await bench.bulk_insert(engine, users=40, repeats=1))
+    sheet = results["sheet: add_all, commit, refresh each"]
+    add_all = results["add_all + commit"]
+    # The sheet's pattern sends what add_all sends, plus one SELECT per user.
+    assert sheet.statements == add_all.statements + 40
+    assert results["kit: crud.create_users"].statements == 1  # one INSERT ... RETURNING
+    assert results["raw driver: executemany"].statements == 1
+    assert results["raw driver: executemany"].kind == bench.RAW
+    if backend == "postgresql":
+        assert results["kit: crud.copy_users (COPY)"].statements == 1  # the COPY
+        assert results["raw driver: copy_records_to_table"].vs_raw is not None
+    else:
+        assert not any("copy" in name for name in results)
+    for result in results.values():
+        assert len(result.runs) == 1
+        assert result.seconds > 0
+        assert result.vs_raw is not None and result.speedup is not None
+    assert sheet.speedup == 1
+    assert await count_rows(engine, User) == 0  # emptied after the scenario
+
+
+async def test_eager_loading_statement_counts(engine) -> None:
+    results = by_variant(await bench.eager_loading(engine, teams=6, members=3, repeats=1))
+    assert results["N+1: get_teams_one_query_each"].statements == 7
+    assert results["kit: get_teams_with_members"].statements == 2
+    assert results["joinedload: ..._members_joined"].statements == 1
+    assert results["raw driver: one JOIN"].statements == 1
+    assert "the faster loader" in results["kit: get_teams_with_members"].notes
+    assert await count_rows(engine, Team) == 0
+
+
+async def test_pool_sweep_counts_every_query(database_url) -> None:
+    results = await bench.pool_sweep(database_url, sizes=(1, 3), queries=12, tasks=6, repeats=1)
+    assert [r.variant for r in results] == ["pool_size=1", "pool_size=3"]
+    assert all(r.statements == 12 for r in results)
+    assert results[-1].extra["vs_largest"] == 1
+
+
+async def test_sheet_transfer_moves_money_when_alone(engine) -> None:
+    await bench._reset_accounts(engine, accounts=2)
+    async with make_session_maker(engine)() as session:
+        await bench.sheet_transfer_funds(session, 1, 2, Decimal("30.00"))
+        with pytest.raises(ValueError, match="Insufficient funds"):
+            await bench.sheet_transfer_funds(session, 1, 2, Decimal("70.01"))
+        balances = (await session.exec(select(Account.balance).order_by(Account.id))).all()
+    assert balances == [Decimal("70.00"), Decimal("130.00")]
+
+
+async def test_transfers_kit_never_loses_money(engine) -> None:
+    results = by_variant(await bench.transfers(engine, count=30, repeats=1))
+    kit = results["kit: transactions.transfer_funds"]
+    for run in kit.extra["runs_detail"]:
+        assert run["money_lost"] == "0.00"
+        assert Decimal(run["lowest"]) >= 0
+        assert run["done"] + run["refused"] + run["failed"] == 30
+        assert run["failed"] == 0
+    assert await count_rows(engine, Account) == 0
+
+
+async def test_scratch_database_is_removed(database_url, backend) -> None:
+    async with throwaway_database(database_url, "asyncpatterns_bench") as scratch:
+        engine = make_engine(scratch)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        finally:
+            await engine.dispose()
+    assert scratch.database != database_url.database
+    admin = make_engine(database_url)
+    try:
+        async with admin.connect() as conn:
+            if backend == "postgresql":
+                found = await conn.scalar(
+                    text("SELECT count(*) FROM pg_database WHERE datname = :n"),
+                    {"n": scratch.database},
+                )
+            elif backend == "mysql":
+                found = await conn.scalar(
+                    text("SELECT count(*) FROM information_schema.schemata WHERE schema_name = :n"),
+                    {"n": scratch.database},
+                )
+            else:
+                found = await asyncio.to_thread(os.path.exists, os.path.dirname(scratch.database))
+    finally:
+        await admin.dispose()
+    assert not found
+
+
+async def test_bench_command_quick_leaves_the_users_data_alone(
+    engine, database_url, tmp_path, capsys
+) -> None:
+    async with make_session_maker(engine)() as session:
+        await crud.create_user(session, User(name="Keep", email="keep@example.com"))
+    url = database_url.render_as_string(hide_password=False)
+    out = tmp_path / "bench.json"
+    code = await asyncio.to_thread(main, ["bench", "--url", url, "--quick", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "== bulk_insert (100 users)" in printed
+    assert "== eager_loading (10 teams x 5 members)" in printed
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    assert report["repeats"] == bench.QUICK_REPEATS
+    scenarios = {r["scenario"] for r in report["results"]}
+    assert scenarios == set(bench.SCENARIOS)
+    assert all(len(r["runs"]) == bench.QUICK_REPEATS for r in report["results"])
+    async with make_session_maker(engine)() as session:
+        assert [u.email for u in await crud.get_users(session)] == ["keep@example.com"]
+
+
+def test_bench_command_rejects_an_unknown_scenario(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--only", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_command_refuses_fewer_than_one_run(capsys) -> None:
+    assert main(["bench", "--repeats", "-1"]) == 2
+    assert "repeats must be at least 1" in capsys.readouterr().err
