@@ -1,19 +1,35 @@
-"""``python -m asyncpatterns tour | bench | serve``.
+"""``python -m asyncpatterns tour | bench | serve | notebooks``.
 
 ``tour`` runs every pattern once against the embedded SQLite file (or
 ``--url`` / ``$DATABASE_URL``) and prints a short report. It creates the kit's
 tables, refuses to touch a database whose tables already hold data, and drops
 the tables when it is done.
+
+``serve`` runs the FastAPI app (``asyncpatterns.api``) with uvicorn, on
+127.0.0.1:8000 by default; the API docs are at ``/docs``.
+
+``notebooks`` re-executes the notebooks on a scratch SQLite file and stores
+their outputs, the baseline nbval compares against.
 """
 
 import argparse
 import asyncio
+import random
 import sys
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from functools import partial
+from pathlib import Path
 
+import httpx
+import uvicorn
+from sqlalchemy import text
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import select
 
-from asyncpatterns import crud
+from asyncpatterns import crud, pooling, relationships, transactions
+from asyncpatterns.bench import SCENARIOS, bench_command
 from asyncpatterns.config import ConfigurationError, DatabaseUnavailableError, mask_password
 from asyncpatterns.db import (
     create_db_and_tables,
@@ -21,7 +37,7 @@ from asyncpatterns.db import (
     make_engine,
     make_session_maker,
 )
-from asyncpatterns.models import User
+from asyncpatterns.models import Account, User
 from asyncpatterns.sqlwatch import watch_sql
 
 TourStep = Callable[[AsyncEngine], Awaitable[list[str]]]
@@ -51,8 +67,126 @@ async def _tour_crud(engine: AsyncEngine) -> list[str]:
     ]
 
 
+async def _tour_pooling(engine: AsyncEngine) -> list[str]:
+    status = pooling.pool_status(engine)
+    lines = [f"{status.pool}: size {status.size}, max_overflow {status.max_overflow}"]
+    tiny = make_engine(engine.url, pool_size=2, max_overflow=0, pool_timeout=0.5)
+    holders = [partial(pooling.hold_connection, tiny, 0.3)] * 10
+    try:
+        try:
+            await pooling.gather_or_cancel(*(hold() for hold in holders))
+            lines.append("10 holders on a pool of 2: no error (unexpected)")
+        except PoolTimeoutError:
+            lines.append("10 holders on a pool of 2, unbounded: pool TimeoutError after 0.5 s")
+        await pooling.gather_bounded(holders, limit=pooling.pool_capacity(tiny))
+        lines.append("the same 10, bounded to the pool by a semaphore: all finished")
+    finally:
+        await tiny.dispose()
+    if engine.dialect.name != "sqlite":
+        killed = await pooling.pooled_connection_ids(engine)
+        admin = make_engine(engine.url, isolation_level="AUTOCOMMIT")
+        try:
+            await pooling.terminate_connections(admin, killed)
+        finally:
+            await admin.dispose()
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        lines.append(f"server killed {len(killed)} pooled connection(s): next query ran (pre-ping)")
+    return lines
+
+
+async def _tour_relationships(engine: AsyncEngine) -> list[str]:
+    session_maker = make_session_maker(engine)
+    async with session_maker() as session:
+        for t in range(20):
+            people = [User(name=f"T{t} M{i}", email=f"t{t}.m{i}@example.com") for i in range(5)]
+            await relationships.create_team_with_members(session, f"Tour team {t}", people)
+    loaders = {
+        "one query per team": relationships.get_teams_one_query_each,
+        "selectinload": relationships.get_teams_with_members,
+        "joinedload": relationships.get_teams_with_members_joined,
+    }
+    counts = []
+    for name, loader in loaders.items():
+        async with session_maker() as session:
+            with watch_sql(engine) as sql:
+                teams = await loader(session)
+        counts.append(f"{name} {sql.count}")
+    member, other_team = teams[0].members[0], teams[1]
+    async with session_maker() as session:
+        await relationships.move_member(session, member.id, other_team.id)
+        await relationships.delete_team(session, other_team.id)
+        member = await relationships.get_user_with_team(session, member.id)
+    return [
+        f"{len(teams)} teams x 5 members, statements: {', '.join(counts)}",
+        f"moved a member to another team, deleted that team: member kept, team {member.team}",
+    ]
+
+
+async def _tour_transactions(engine: AsyncEngine) -> list[str]:
+    session_maker = make_session_maker(engine)
+    async with session_maker() as session:
+        session.add_all(Account(owner=f"Tour {i}", balance=Decimal("100.00")) for i in range(10))
+        await session.commit()
+        ids = list((await session.exec(select(Account.id))).all())
+    rng = random.Random(3)
+
+    async def transfer(from_id: int, to_id: int, amount: Decimal) -> str:
+        async with session_maker() as session:
+            try:
+                await transactions.transfer_funds(session, from_id, to_id, amount)
+            except transactions.InsufficientFundsError:
+                return "refused"
+        return "done"
+
+    plan = [(*rng.sample(ids, 2), Decimal(rng.randint(1, 3000)) / 100) for _ in range(200)]
+    outcomes = await asyncio.gather(*(transfer(*step) for step in plan))
+    async with session_maker() as session:
+        balances = list((await session.exec(select(Account.balance))).all())
+        saved = await transactions.complex_operation(
+            session, User(name="Tour", email="tour.savepoint@example.com"), "Tour team 0"
+        )
+    return [
+        f"200 concurrent transfers: {outcomes.count('done')} done, "
+        f"{outcomes.count('refused')} refused (insufficient funds)",
+        f"total {sum(balances)} (was 1000.00), lowest balance {min(balances)}",
+        "complex_operation with a taken team name: "
+        + ("team created (bug)" if saved else "user committed, team savepoint rolled back"),
+    ]
+
+
+async def _tour_api(engine: AsyncEngine) -> list[str]:
+    from asyncpatterns.api import create_app  # here: importing api builds its module-level app
+
+    app = create_app(engine.url)
+    transport = httpx.ASGITransport(app=app)  # calls the app in-process, without a server
+    # ASGITransport does not run the lifespan (tables, engine disposal): run it ourselves.
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://tour") as client,
+    ):
+        body = {"name": "Racer", "email": "tour.api@example.com"}
+        racing = await asyncio.gather(*(client.post("/users/", json=body) for _ in range(20)))
+        created = next(r.json() for r in racing if r.status_code == 201)
+        bad_input = {
+            "limit=1000": await client.get("/users/", params={"limit": 1000}),
+            "name null": await client.patch(f"/users/{created['id']}", json={"name": None}),
+            "unknown id": await client.get("/users/2000000000"),
+        }
+    statuses = [r.status_code for r in racing]
+    return [
+        f"20 racing POSTs, one email: {statuses.count(201)} stored (201), "
+        f"{statuses.count(400)} refused (400 Email already registered)",
+        "bad input: " + ", ".join(f"{k} -> {r.status_code}" for k, r in bad_input.items()),
+    ]
+
+
 TOUR_STEPS: list[tuple[str, TourStep]] = [
     ("CRUD", _tour_crud),
+    ("Pooling", _tour_pooling),
+    ("Relationships", _tour_relationships),
+    ("Transactions", _tour_transactions),
+    ("FastAPI", _tour_api),
 ]
 
 
@@ -82,15 +216,57 @@ async def tour(url: str | None = None) -> int:
     return 0
 
 
+def serve(url: str | None, host: str, port: int) -> int:
+    """Serve the API with uvicorn; an unreachable database fails here, in one line."""
+    from asyncpatterns.api import create_app  # here: importing api builds its module-level app
+
+    asyncio.run(_check_database(url))
+    uvicorn.run(create_app(url), host=host, port=port)
+    return 0
+
+
+async def _check_database(url: str | None) -> None:
+    engine = make_engine(url)
+    try:
+        async with engine.connect():
+            pass
+    finally:
+        await engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m asyncpatterns")
     commands = parser.add_subparsers(dest="command", required=True)
     tour_parser = commands.add_parser("tour", help="run every pattern once and report")
     tour_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
+    bench_parser = commands.add_parser("bench", help="time patterns against anti-patterns")
+    bench_parser.add_argument("--url", help="server or SQLite URL; bench uses a scratch database")
+    bench_parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    bench_parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench_parser.add_argument(
+        "--only", action="append", choices=SCENARIOS, help="only this one; repeatable"
+    )
+    bench_parser.add_argument("--repeats", type=int, help="timed runs (default 5, quick 3)")
+    serve_parser = commands.add_parser("serve", help="serve the FastAPI app with uvicorn")
+    serve_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000, help="default: 8000")
+    notebooks_parser = commands.add_parser(
+        "notebooks", help="re-execute notebooks on scratch SQLite and store their outputs"
+    )
+    notebooks_parser.add_argument("paths", nargs="*", help="default: notebooks/*.ipynb")
     args = parser.parse_args(argv)
     try:
         if args.command == "tour":
             return asyncio.run(tour(args.url))
+        if args.command == "bench":
+            return bench_command(args.url, args.quick, args.json, args.only, args.repeats)
+        if args.command == "serve":
+            return serve(args.url, args.host, args.port)
+        if args.command == "notebooks":
+            from asyncpatterns.notebook import regenerate  # needs the [lab] extra
+
+            regenerate(args.paths or sorted(Path("notebooks").glob("*.ipynb")))
     except (ConfigurationError, DatabaseUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,14 +15,18 @@ and notebooks. What goes wrong without these defaults:
 from __future__ import annotations
 
 import asyncio
+import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import NoSuchModuleError
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import QueuePool
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -43,6 +47,9 @@ SERVER_POOL_DEFAULTS: dict[str, Any] = {
     "pool_pre_ping": True,
 }
 
+# The options above that every pool class accepts (the others size a QueuePool).
+_ANY_POOL_OPTIONS = ("pool_recycle", "pool_pre_ping")
+
 _INSTALL_HINT = "pip install sqlmodel aiosqlite asyncpg aiomysql"
 
 
@@ -57,6 +64,9 @@ def make_engine(url: str | URL | None = None, **options: Any) -> AsyncEngine:
     if backend == "mysql" and "charset" not in resolved.query:
         resolved = resolved.update_query_dict({"charset": "utf8mb4"})
     defaults = {} if backend == "sqlite" else dict(SERVER_POOL_DEFAULTS)
+    if not issubclass(options.get("poolclass", QueuePool), QueuePool):
+        # NullPool, StaticPool...: no pool to size; keep pre-ping and recycle.
+        defaults = {k: v for k, v in defaults.items() if k in _ANY_POOL_OPTIONS}
     try:
         engine = create_async_engine(resolved, **{**defaults, **options})
     except (ModuleNotFoundError, NoSuchModuleError) as exc:
@@ -139,3 +149,41 @@ async def session_scope(
         except BaseException:
             await session.rollback()
             raise
+
+
+@asynccontextmanager
+async def throwaway_database(
+    url: str | URL, prefix: str = "asyncpatterns_scratch"
+) -> AsyncIterator[URL]:
+    """A uniquely named, empty database beside ``url``, dropped afterwards.
+
+    On a server: ``CREATE DATABASE`` on the same server (the user needs that
+    privilege). On SQLite: a file in a temporary folder next to ``url``'s file.
+    Tests, benchmarks and demos use it so they never touch anyone's data.
+    """
+    resolved = resolve_url(url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    if resolved.get_backend_name() == "sqlite":
+        database = resolved.database
+        folder = None if database in (None, "", ":memory:") else Path(database).parent
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir=folder) as scratch:
+            yield resolved.set(database=str(Path(scratch) / f"{name}.db"))
+        return
+    admin = make_engine(resolved, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            try:
+                await conn.execute(text(f"CREATE DATABASE {name}"))
+            except DBAPIError as exc:
+                raise ConfigurationError(
+                    f"Could not create a scratch database on {mask_password(resolved)} "
+                    f"({str(exc.orig).splitlines()[0]}); use a user allowed to CREATE DATABASE"
+                ) from None
+        try:
+            yield resolved.set(database=name)
+        finally:
+            force = " WITH (FORCE)" if resolved.get_backend_name() == "postgresql" else ""
+            async with admin.connect() as conn:
+                await conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
+    finally:
+        await admin.dispose()

@@ -5,7 +5,10 @@ columns in model-field order, no memory addresses, no timings.
 """
 
 import inspect
+import os
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -31,3 +34,26 @@ def error_line(exc: BaseException) -> str:
     """``ExceptionType: first line of the message``, for a stable one-line output."""
     message = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {message}"
+
+
+def regenerate(paths: Iterable[str | Path]) -> None:
+    """Re-execute notebooks on a scratch SQLite file and store their outputs.
+
+    The stored outputs are nbval's baseline. Error tracebacks are cut to their
+    last line: nbval does not compare them, and they would record local paths.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{scratch}/notebooks.db"}
+        for path in map(Path, paths):
+            print(f"executing {path}")
+            notebook = nbformat.read(path, as_version=4)
+            resources = {"metadata": {"path": str(path.parent)}}
+            NotebookClient(notebook, timeout=600, resources=resources).execute(env=env)
+            for cell in notebook.cells:
+                for output in cell.get("outputs", []):
+                    if output.output_type == "error":
+                        output.traceback = [f"{output.ename}: {output.evalue}"]
+            nbformat.write(notebook, path)

@@ -6,7 +6,7 @@ from sqlmodel import select
 
 from asyncpatterns import crud
 from asyncpatterns.db import make_session_maker
-from asyncpatterns.models import User, UserCreate
+from asyncpatterns.models import User, UserCreate, UserUpdate
 from asyncpatterns.sqlwatch import watch_sql
 
 
@@ -219,3 +219,9 @@ async def test_a_failed_write_keeps_the_session_and_its_objects(session) -> None
     # so reading these attributes needs no lazy load (no MissingGreenlet).
     assert [u.email for u in created] == [f"user{i}@example.com" for i in range(3)]
     assert await crud.count_users(session) == 3
+
+
+async def test_update_user_accepts_a_validated_schema(session) -> None:
+    user = await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+    updated = await crud.update_user(session, user.id, UserUpdate(is_active=False))
+    assert (updated.name, updated.email, updated.is_active) == ("Ada", "ada@example.com", False)

@@ -12,7 +12,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from asyncpatterns.testing import SERVER_URL_VARIABLES, throwaway_database
+from asyncpatterns.db import throwaway_database
+from asyncpatterns.testing import SERVER_URL_VARIABLES
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
