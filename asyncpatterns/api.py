@@ -242,7 +242,7 @@ async def update_user_endpoint(
 ) -> UserRead:
     """Change the fields sent; omitted fields stay. ``null`` is only allowed for team_id."""
     try:
-        user = await crud.update_user(session, user_id, changes.model_dump(exclude_unset=True))
+        user = await crud.update_user(session, user_id, changes)
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
     except IntegrityError:
