@@ -66,7 +66,7 @@ from asyncpatterns.db import (
     throwaway_database,
 )
 from asyncpatterns.models import Account, Team, User
-from asyncpatterns.pooling import slow_query
+from asyncpatterns.pooling import gather_bounded, slow_query
 from asyncpatterns.sqlwatch import watch_sql
 from asyncpatterns.transactions import transfer_funds
 
@@ -420,15 +420,13 @@ async def _nothing() -> None:
 
 
 async def query_storm(engine: AsyncEngine, queries: int, tasks: int, query: TextClause) -> None:
-    """``tasks`` tasks share ``queries`` queries, each on a connection from the pool."""
+    """``queries`` runs of ``query``, ``tasks`` at a time, each on its own checkout."""
 
-    async def worker(count: int) -> None:
-        for _ in range(count):
-            async with engine.connect() as conn:
-                await conn.execute(query)
+    async def once() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(query)
 
-    share, extra = divmod(queries, tasks)
-    await asyncio.gather(*(worker(share + (i < extra)) for i in range(tasks)))
+    await gather_bounded([once] * queries, tasks)
 
 
 def _storm_variant(size: int, engine: AsyncEngine, queries: int, tasks: int) -> Variant:
