@@ -16,46 +16,76 @@ What the pattern sheet's app got wrong, and this fixes:
 * A database that cannot be reached is a 503 with a reason, not a traceback.
 """
 
+import hashlib
+import json
 import logging
 import math
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    status,
+)
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Strict, field_validator, model_validator
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import selectinload
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asyncpatterns import crud
 from asyncpatterns.config import DatabaseUnavailableError
-from asyncpatterns.db import create_db_and_tables, make_engine, make_session_maker
+from asyncpatterns.db import (
+    LOCK_TIMEOUT,
+    create_db_and_tables,
+    is_connection_lost,
+    is_foreign_key_violation,
+    is_lock_timeout,
+    is_unique_violation,
+    make_engine,
+    make_session_maker,
+    run_in_transaction,
+)
 from asyncpatterns.models import (
     CENT,
     MAX_ID,
     TEXT_PATTERN,
     Account,
+    IdempotencyKey,
     Team,
     User,
     UserCreate,
     UserRead,
     UserUpdate,
 )
-from asyncpatterns.relationships import get_team_with_members
+from asyncpatterns.relationships import TeamNameTakenError, create_team, get_team_with_members
 from asyncpatterns.transactions import (
     AccountNotFoundError,
     InsufficientFundsError,
-    transfer_funds,
+    move_money,
+    open_account,
 )
 
 logger = logging.getLogger(__name__)
+
+# Seconds a request waits for a free pooled connection before it is answered 503.
+POOL_TIMEOUT = 3.0
 
 
 # -- Schemas the endpoints add to the models' ---------------------------------
@@ -135,18 +165,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.engine.dispose()
 
 
-def create_app(url: str | URL | None = None) -> FastAPI:
-    """The app on ``url`` (default: ``$DATABASE_URL``, then the embedded SQLite file)."""
+def create_app(
+    url: str | URL | None = None,
+    *,
+    pool_timeout: float = POOL_TIMEOUT,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> FastAPI:
+    """The app on ``url`` (default: ``$DATABASE_URL``, then the embedded SQLite file).
+
+    Overload is a 503 + Retry-After, not a long wait then a 500:
+    ``pool_timeout`` is how long a request waits for a pooled connection,
+    ``lock_timeout`` how long a statement waits for a locked row (seconds).
+    """
     app = FastAPI(
         title="asyncpatterns",
         summary="Users, teams and accounts on async SQLModel.",
         lifespan=lifespan,
-        responses={503: {"model": ErrorMessage, "description": "Database unavailable"}},
+        responses={503: {"model": ErrorMessage, "description": "Database unavailable or busy"}},
     )
-    app.state.engine = make_engine(url)
+    app.state.engine = make_engine(url, pool_timeout=pool_timeout, lock_timeout=lock_timeout)
     app.state.session_maker = make_session_maker(app.state.engine)
     app.add_exception_handler(DatabaseUnavailableError, database_unavailable)
+    app.add_exception_handler(PoolTimeoutError, database_unavailable)
+    app.add_exception_handler(DBAPIError, database_error)
     app.add_exception_handler(RequestValidationError, request_validation_failed)
+    app.add_middleware(UnexpectedErrorsAsJSON)
     app.include_router(router)
     return app
 
@@ -160,25 +203,96 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """503 with a reason; the full message (masked URL) goes to the log only."""
-    logger.error("%s %s: %s", request.method, request.url.path, exc)
+# -- Errors: overload is a 503, bad input a 4xx, a bug a logged 500 with an id ----------
+
+
+def _unavailable(reason: str, retry_after: int) -> JSONResponse:
     return JSONResponse(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        content={"detail": "Database unavailable: cannot connect to the database"},
-        headers={"Retry-After": "5"},
+        content={"detail": f"Database unavailable: {reason}"},
+        headers={"Retry-After": str(retry_after)},
     )
 
 
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 with a reason: the database cannot be reached, or no pooled
+    connection came free in time. The details (masked URL) go to the log only."""
+    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    if isinstance(exc, PoolTimeoutError):
+        return _unavailable("too many requests at once, no connection free", 1)
+    return _unavailable("cannot connect to the database", 5)
+
+
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A lost connection or a lock wait that timed out is overload (503); any
+    other database error is a bug, answered like every unexpected error."""
+    if is_connection_lost(exc):
+        logger.error("%s %s: connection lost: %s", request.method, request.url.path, exc)
+        return _unavailable("the connection to the database was lost", 5)
+    if is_lock_timeout(exc):
+        logger.warning("%s %s: lock timeout: %s", request.method, request.url.path, exc)
+        return _unavailable("the rows are busy, try again", 1)
+    return _internal_error(request.method, request.url.path, exc)
+
+
+def _internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("%s %s: unexpected error %s", method, path, error_id, exc_info=exc)
+    content = {
+        "detail": "Internal error; quote this error id when reporting it",
+        "error_id": error_id,
+    }
+    return JSONResponse(status_code=500, content=content)
+
+
+class UnexpectedErrorsAsJSON:
+    """ASGI middleware: an error no handler took is a JSON 500 with a logged error id.
+
+    Starlette's own last-resort handler re-raises after answering, and uvicorn
+    then closes the keep-alive connection: the client's *next* request fails
+    too. Here the error is answered and the connection stays open.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:
+            if started:  # half an answer is out: only closing the connection can tell
+                raise
+            response = _internal_error(scope["method"], scope["path"], exc)
+            await response(scope, receive, send)
+
+
 async def request_validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, safe for NaN and Infinity (Python's JSON parser accepts them,
-    and echoing them back in the error would fail to render: a 500)."""
-    errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite_or_text})
-    return JSONResponse(status_code=422, content={"detail": errors})
+    """FastAPI's 422, safe for any input it echoes: NaN and Infinity (Python's
+    JSON parser accepts them) and lone surrogates ("\\ud800") cannot be encoded
+    as JSON text, so echoing them as they are would turn the 422 into a 500."""
+    encoders = {float: _finite_or_text, str: _valid_text}
+    return JSONResponse(
+        status_code=422, content={"detail": jsonable_encoder(exc.errors(), custom_encoder=encoders)}
+    )
 
 
 def _finite_or_text(number: float) -> float | str:
     return number if math.isfinite(number) else str(number)
+
+
+def _valid_text(text: str) -> str:
+    # Lone surrogates become U+FFFD, the replacement character.
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -213,8 +327,8 @@ async def create_user_endpoint(user: UserCreate, session: SessionDep) -> UserRea
         created = await crud.create_user(session, User.model_validate(user))
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
-    except IntegrityError:
-        await _raise_if_team_missing(session, user.team_id)
+    except IntegrityError as exc:
+        _raise_if_team_missing(exc, user.team_id)
         raise
     return UserRead.model_validate(created)
 
@@ -245,8 +359,8 @@ async def update_user_endpoint(
         user = await crud.update_user(session, user_id, changes)
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
-    except IntegrityError:
-        await _raise_if_team_missing(session, changes.team_id)
+    except IntegrityError as exc:
+        _raise_if_team_missing(exc, changes.team_id)
         raise
     if user is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, USER_NOT_FOUND)
@@ -260,9 +374,10 @@ async def delete_user_endpoint(user_id: UserId, session: SessionDep) -> Deleted:
     return Deleted(ok=True)
 
 
-async def _raise_if_team_missing(session: AsyncSession, team_id: int | None) -> None:
-    # After a foreign-key violation: say which reference was wrong.
-    if team_id is not None and await session.get(Team, team_id) is None:
+def _raise_if_team_missing(exc: IntegrityError, team_id: int | None) -> None:
+    # The user's only foreign key is team_id: its violation means "no such team",
+    # also when the team was deleted while this request ran.
+    if is_foreign_key_violation(exc):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"Team {team_id} not found") from None
 
 
@@ -272,13 +387,10 @@ async def _raise_if_team_missing(session: AsyncSession, team_id: int | None) -> 
 @router.post("/teams/", status_code=201, responses=_errors(400), tags=["teams"])
 async def create_team_endpoint(team: TeamCreate, session: SessionDep) -> TeamRead:
     """Create an empty team; add members with POST or PATCH on /users/."""
-    created = Team.model_validate(team)
     try:
-        async with session.begin_nested():
-            session.add(created)
-    except IntegrityError:  # the only constraint a new team can break: its unique name
+        created = await create_team(session, team.name)
+    except TeamNameTakenError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Team name already taken") from None
-    await session.commit()
     return TeamRead(id=created.id, name=created.name, members=[])
 
 
@@ -310,9 +422,7 @@ async def read_teams_endpoint(
 
 @router.post("/accounts/", status_code=201, responses=_errors(400), tags=["accounts"])
 async def create_account_endpoint(account: AccountCreate, session: SessionDep) -> AccountRead:
-    created = Account.model_validate(account)
-    session.add(created)
-    await session.commit()
+    created = await open_account(session, account.owner, account.balance)
     return AccountRead.model_validate(created)
 
 
@@ -324,22 +434,96 @@ async def read_account_endpoint(account_id: AccountId, session: SessionDep) -> A
     return AccountRead.model_validate(account)
 
 
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any unique string (a UUID): a retry with the same key and body gets "
+        "the first answer and moves no money again.",
+    ),
+]
+
+
 @router.post("/transfers/", responses=_errors(400, 404, 409), tags=["accounts"])
-async def transfer_endpoint(transfer: TransferCreate, session: SessionDep) -> TransferRead:
-    """Move money between two accounts: all or nothing, safe under concurrency."""
+async def transfer_endpoint(
+    transfer: TransferCreate, session: SessionDep, idempotency_key: IdempotencyKeyHeader = None
+) -> TransferRead:
+    """Move money between two accounts: all or nothing, safe under concurrency,
+    and safe to retry with an ``Idempotency-Key`` (a lost answer is not a lost
+    transfer: retry with the same key and the money moves once)."""
+
+    async def work(tx: AsyncSession) -> tuple[int, dict[str, Any]]:
+        try:
+            async with tx.begin_nested():  # a refused transfer undoes only its own UPDATEs
+                await move_money(tx, transfer.from_id, transfer.to_id, transfer.amount)
+        except AccountNotFoundError as exc:
+            return 404, {"detail": str(exc)}
+        except InsufficientFundsError as exc:
+            return 409, {"detail": str(exc)}
+        # Read the new balances in the same transaction: nothing is left to do
+        # after the commit, so an answer lost after it is the only failure left.
+        statement = select(Account).where(col(Account.id).in_([transfer.from_id, transfer.to_id]))
+        accounts = {
+            a.id: AccountRead.model_validate(a)
+            for a in (await tx.exec(statement.execution_options(populate_existing=True))).all()
+        }
+        body = TransferRead(
+            from_account=accounts[transfer.from_id], to_account=accounts[transfer.to_id]
+        )
+        return 200, jsonable_encoder(body)
+
+    if idempotency_key is None:
+        status_code, body = await run_in_transaction(session, work)
+    else:
+        request_hash = hashlib.sha256(transfer.model_dump_json().encode()).hexdigest()
+        status_code, body = await answer_once(session, idempotency_key, request_hash, work)
+    if status_code != 200:
+        raise HTTPException(status_code, body["detail"])
+    return TransferRead.model_validate(body)
+
+
+async def answer_once(
+    session: AsyncSession,
+    key: str,
+    request_hash: str,
+    work: Callable[[AsyncSession], Awaitable[tuple[int, dict[str, Any]]]],
+) -> tuple[int, dict[str, Any]]:
+    """Run ``work`` at most once per idempotency ``key``; return its (status, body).
+
+    The key is claimed by an INSERT in the same transaction as the work, and
+    the answer stored with it, so the key exists exactly when the work was
+    committed. A concurrent request with the same key waits on that row and
+    then gets the stored answer. A key reused for another request is a 422.
+    """
+
+    async def claim_and_work(tx: AsyncSession) -> IdempotencyKey:
+        record = await tx.get(IdempotencyKey, key)
+        if record is None:
+            record = IdempotencyKey(key=key, request=request_hash, status_code=0, response="")
+            tx.add(record)
+            await tx.flush()  # the claim: a racing twin waits here, then fails
+            status_code, body = await work(tx)
+            record.status_code, record.response = status_code, json.dumps(body)
+            await tx.flush()
+        return record
+
     try:
-        await transfer_funds(session, transfer.from_id, transfer.to_id, transfer.amount)
-    except AccountNotFoundError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    except InsufficientFundsError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-    # The balances changed in the database: reload them, whatever the session held.
-    accounts = [
-        await session.get(Account, account_id, populate_existing=True)
-        for account_id in (transfer.from_id, transfer.to_id)
-    ]
-    from_account, to_account = (AccountRead.model_validate(a) for a in accounts)
-    return TransferRead(from_account=from_account, to_account=to_account)
+        record = await run_in_transaction(session, claim_and_work)
+    except IntegrityError as exc:
+        if not is_unique_violation(exc, IdempotencyKey.__table__.c.key):
+            raise
+        # A twin committed first: its answer is ours. A new transaction sees it.
+        record = await session.get(IdempotencyKey, key, populate_existing=True)
+        if record is None:
+            raise
+    if record.request != request_hash:  # answered like any invalid input, with its place
+        message = "Idempotency-Key already used for a different request"
+        error = {"type": "idempotency_key_reused", "loc": ("header", "Idempotency-Key")}
+        raise RequestValidationError([{**error, "msg": message, "input": key}])
+    return record.status_code, json.loads(record.response)
 
 
 app = create_app()

@@ -11,6 +11,7 @@ Never print a URL as it is: it may carry a password. Use ``mask_password``.
 from __future__ import annotations
 
 import os
+import re
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -47,6 +48,11 @@ def resolve_url(url: str | URL | None = None) -> URL:
             f"Could not parse database URL {mask_password(str(raw))!r}; "
             "expected e.g. postgresql+asyncpg://user:password@host:5432/dbname"
         ) from None
+    if "@" in (parsed.host or ""):  # "user:p@ss@host": the first "@" ends the password
+        raise ConfigurationError(
+            f"The database URL {mask_password(str(raw))!r} has more than one '@' before the "
+            "host; percent-encode '@' in the user name or password as %40"
+        )
     backend = _BACKEND_ALIASES.get(parsed.get_backend_name())
     if backend is None:
         raise ConfigurationError(
@@ -68,13 +74,27 @@ def backend_name(url: str | URL | None = None) -> str:
 
 
 def mask_password(url: str | URL) -> str:
-    """The URL with its password replaced by ``***``, safe to print or log."""
+    """The URL with its password replaced by ``***``, safe to print or log.
+
+    Also hides secrets passed as query parameters (``?password=...``). A URL
+    that cannot be parsed, or whose password holds an unescaped ``@``, has all
+    of its user information hidden.
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
-        # Not parseable: hide everything between "://" and "@", if present.
-        text = str(url)
-        scheme, sep, rest = text.partition("://")
-        if sep and "@" in rest:
-            return f"{scheme}://***@{rest.rpartition('@')[2]}"
-        return text
+        parsed = None
+    if parsed is not None and "@" not in (parsed.host or ""):
+        secrets = {key: "***" for key in parsed.query if _SECRET_KEY.search(key)}
+        rendered = parsed.update_query_dict(secrets).render_as_string(hide_password=True)
+        return rendered.replace("=%2A%2A%2A", "=***")
+    scheme, sep, rest = str(url).partition("://")
+    if not sep:
+        return "***"  # not even a URL: it may be all secret
+    authority = rest.partition("?")[0]
+    if "@" not in authority:
+        return f"{scheme}://{rest}"
+    return f"{scheme}://***@{rest[authority.rindex('@') + 1 :]}"
+
+
+_SECRET_KEY = re.compile(r"pass|secret|token|key", re.IGNORECASE)

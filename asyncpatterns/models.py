@@ -9,15 +9,22 @@
 * Money is exact: ``Decimal`` in Python, integer cents in the database (the
   ``Money`` type). Floats are refused, so 0.3 - 0.1 - 0.1 is exactly 0.1.
 * ``UserCreate``/``UserUpdate`` are the only way user input reaches a ``User``:
-  unknown and read-only fields are rejected, types are not coerced, emails are
-  stored lower-case so uniqueness does not depend on the backend's collation.
+  unknown and read-only fields are rejected, types are not coerced.
+* One identity per value, on every backend: an email is stored and compared
+  in one canonical form (``canonical_email``) whatever path stores it, and
+  unique text compares byte for byte (MySQL's default collation would call
+  "José" and "jose " the same). Tables are utf8mb4 on MySQL, and SQLite never
+  reuses the id of a deleted row (``AUTOINCREMENT``), like the servers.
 """
 
+import unicodedata
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Optional
 
 from pydantic import ConfigDict, field_validator
-from sqlalchemy import BigInteger, CheckConstraint
+from sqlalchemy import BigInteger, CheckConstraint, String, Text, event
+from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Relationship, SQLModel
@@ -28,6 +35,64 @@ TEXT_PATTERN = r"^[^\x00]*$"
 EMAIL_PATTERN = r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$"
 # Primary and foreign keys are 32-bit INTEGER columns on PostgreSQL and MySQL.
 MAX_ID = 2**31 - 1
+EMAIL_LENGTH = 255
+# Money is stored as cents in a signed 64-bit BIGINT.
+MAX_CENTS = 2**63 - 1
+# Every table: utf8mb4 on MySQL whatever the database's default charset, and
+# AUTOINCREMENT on SQLite so a deleted row's id is never handed out again.
+TABLE_OPTIONS = {"mysql_charset": "utf8mb4", "sqlite_autoincrement": True}
+
+
+def canonical_text(value: str) -> str:
+    """One Unicode form for text compared for identity: NFC, no outer whitespace."""
+    return unicodedata.normalize("NFC", value.strip())
+
+
+def canonical_email(email: str) -> str:
+    """The one form an email is stored and looked up in: trimmed, lower-case, NFC.
+
+    Lower-casing can lengthen text ("İ" becomes two characters): check the
+    length of the result, not of the input.
+    """
+    return canonical_text(email.strip().lower())
+
+
+class ExactText(TypeDecorator[str]):
+    """Text equal only to itself on every backend, stored in canonical form.
+
+    MySQL's default collations ignore case, accents and trailing spaces, so a
+    unique column there refuses values PostgreSQL and SQLite accept: here it
+    uses the binary collation. Values are stored as ``canonical_text`` gives them.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "mysql":
+            binary = mysql.VARCHAR(self.impl.length, charset="utf8mb4", collation="utf8mb4_bin")
+            return dialect.type_descriptor(binary)
+        return dialect.type_descriptor(String(self.impl.length))
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else self.canonical(value)
+
+    @staticmethod
+    def canonical(value: str) -> str:
+        return canonical_text(value)
+
+
+class Email(ExactText):
+    """An email column: compared exactly, stored as ``canonical_email`` gives it."""
+
+    cache_ok = True
+
+    @staticmethod
+    def canonical(value: str) -> str:
+        email = canonical_email(value)
+        if len(email) > EMAIL_LENGTH:
+            raise ValueError(f"email is longer than {EMAIL_LENGTH} characters once lower-cased")
+        return email
 
 
 class Money(TypeDecorator[Decimal]):
@@ -48,19 +113,40 @@ class Money(TypeDecorator[Decimal]):
 
 
 def to_cents(amount: Decimal | int) -> int:
-    """``Decimal("12.34")`` -> 1234. Raises ``TypeError`` for float, ``ValueError``
-    for a fraction of a cent or a non-finite number."""
+    """``Decimal("12.34")`` -> 1234, exactly. Raises ``TypeError`` for float,
+    ``ValueError`` for a fraction of a cent (however far down), NaN, infinity,
+    or more than a BIGINT of cents.
+
+    Integer arithmetic on the digits: ``Decimal`` arithmetic would first round
+    to 28 digits, so 12.3400000000000000000000000001 would pass as 12.34.
+    """
     if isinstance(amount, bool) or not isinstance(amount, (Decimal, int)):
         raise TypeError(f"money must be Decimal or int, not {type(amount).__name__}")
-    cents = Decimal(amount) * 100
-    if not cents.is_finite() or cents != cents.to_integral_value():
+    amount = Decimal(amount)
+    if not amount.is_finite():
+        raise ValueError(f"{amount} is not a finite amount of money")
+    if not amount:
+        return 0
+    if amount.adjusted() > 17:
+        raise ValueError(f"{amount} is too large an amount of money")
+    sign, digits, exponent = amount.as_tuple()
+    coefficient, shift = int("".join(map(str, digits))), int(exponent) + 2
+    if shift >= 0:
+        cents = coefficient * 10**shift
+    elif -shift > len(digits) or coefficient % 10**-shift:
         raise ValueError(f"{amount} is not a whole number of cents")
-    return int(cents)
+    else:
+        cents = coefficient // 10**-shift
+    if cents > MAX_CENTS:
+        raise ValueError(f"{amount} is too large an amount of money")
+    return -cents if sign else cents
 
 
 class Team(AsyncAttrs, SQLModel, table=True):
+    __table_args__ = TABLE_OPTIONS
+
     id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(max_length=100, unique=True)
+    name: str = Field(max_length=100, unique=True, sa_type=ExactText(100))
 
     # Members survive their team: the database sets their team_id to NULL.
     members: list["User"] = Relationship(
@@ -76,8 +162,10 @@ class UserBase(SQLModel):
 
 
 class User(AsyncAttrs, UserBase, table=True):
+    __table_args__ = TABLE_OPTIONS
+
     id: int | None = Field(default=None, primary_key=True)
-    email: str = Field(max_length=255, unique=True, index=True)
+    email: str = Field(max_length=EMAIL_LENGTH, unique=True, index=True, sa_type=Email(255))
     is_active: bool = Field(default=True)
     team_id: int | None = Field(
         default=None, foreign_key="team.id", ondelete="SET NULL", index=True
@@ -94,6 +182,8 @@ class User(AsyncAttrs, UserBase, table=True):
 
 
 class Profile(AsyncAttrs, SQLModel, table=True):
+    __table_args__ = TABLE_OPTIONS
+
     id: int | None = Field(default=None, primary_key=True)
     user_id: int = Field(foreign_key="user.id", ondelete="CASCADE", unique=True)
     bio: str = Field(default="", max_length=500)
@@ -104,11 +194,43 @@ class Profile(AsyncAttrs, SQLModel, table=True):
 
 
 class Account(SQLModel, table=True):
-    __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"),)
+    __table_args__ = (
+        CheckConstraint("balance >= 0", name="balance_not_negative"),
+        TABLE_OPTIONS,
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     owner: str = Field(max_length=100)
     balance: Decimal = Field(default=Decimal("0.00"), sa_type=Money)
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """The answer to a money-moving request, kept under the key the client sent.
+
+    Stored in the same transaction as the transfer, so a retry with the same
+    key finds either nothing (the transfer did not happen) or this answer.
+    """
+
+    __table_args__ = TABLE_OPTIONS
+
+    key: str = Field(primary_key=True, max_length=255, sa_type=ExactText(255))
+    request: str = Field(max_length=64)  # SHA-256 of the request, to refuse a reused key
+    status_code: int
+    response: str = Field(sa_type=Text)  # the JSON answered
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+@event.listens_for(User, "before_insert")
+@event.listens_for(User, "before_update")
+@event.listens_for(Team, "before_insert")
+@event.listens_for(Team, "before_update")
+def _keep_objects_canonical(_mapper: Any, _connection: Any, target: Any) -> None:
+    # The column types store canonical values whatever the path; this keeps the
+    # Python object equal to what the database holds after a flush.
+    if isinstance(target, User) and target.email is not None:
+        target.email = Email.canonical(target.email)
+    elif isinstance(target, Team) and target.name is not None:
+        target.name = canonical_text(target.name)
 
 
 class _StrictInput(SQLModel):
@@ -117,8 +239,23 @@ class _StrictInput(SQLModel):
 
     @field_validator("email", check_fields=False)
     @classmethod
-    def _lower_case_email(cls, email: str | None) -> str | None:
-        return None if email is None else email.strip().lower()
+    def _canonical_email(cls, email: str | None) -> str | None:
+        if email is None:
+            return None
+        email = canonical_email(email)
+        if len(email) > EMAIL_LENGTH:
+            raise ValueError(f"at most {EMAIL_LENGTH} characters once lower-cased")
+        return email
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _trimmed_name(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        name = canonical_text(name)
+        if not name:
+            raise ValueError("may not be blank")
+        return name
 
 
 class UserCreate(_StrictInput, UserBase):

@@ -17,18 +17,33 @@ small collection, but repeats the owner's columns on every child row.
 Writing through a relationship needs no loading when the objects are new.
 Deleting a team keeps its members, with ``team_id`` NULL, on all three
 backends: ``delete_team`` says so in SQL, and the foreign key's
-``ON DELETE SET NULL`` does the same for any other delete (SQLite enforces it
-because ``db.make_engine`` turns foreign keys on).
+``ON DELETE SET NULL`` does the same for any other delete. SQLite enforces
+foreign keys only on connections that turn them on: ``db.make_engine`` does,
+so copy ``db.py`` with this module (or run ``PRAGMA foreign_keys=ON`` yourself).
+
+The writers here are units of work (``db.run_in_transaction``): they commit,
+unless called inside a transaction you began; a team that vanishes while a
+member moves into it is "not found", decided by the foreign key.
 """
 
 from collections.abc import Sequence
 
 from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, lazyload, selectinload
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from asyncpatterns.db import is_foreign_key_violation, is_unique_violation, run_in_transaction
 from asyncpatterns.models import Team, User
+
+
+class TeamNameTakenError(ValueError):
+    """Another team already has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Team name already taken: {name}")
+        self.name = name
 
 
 async def get_team_with_members(session: AsyncSession, team_id: int) -> Team | None:
@@ -79,36 +94,80 @@ async def get_teams_one_query_each(session: AsyncSession) -> list[Team]:
     return teams
 
 
+async def create_team(session: AsyncSession, name: str) -> Team:
+    """Create an empty team; ``TeamNameTakenError`` if the name is taken."""
+    team = Team(name=name)
+
+    async def insert_team(tx: AsyncSession) -> Team:
+        tx.add(team)
+        await tx.flush()
+        return team
+
+    try:
+        return await run_in_transaction(session, insert_team)
+    except IntegrityError as exc:
+        if is_unique_violation(exc, Team.__table__.c.name):
+            raise TeamNameTakenError(team.name) from None
+        raise
+
+
 async def create_team_with_members(
     session: AsyncSession, name: str, members: Sequence[User]
 ) -> Team:
-    """Insert a team and its new members in one commit; ids come back on all of them.
+    """Insert a team and its new members in one transaction; ids come back on all of them.
 
     Nothing is loaded first: a new object's collection is just a list, and
     the unit of work inserts the team before the users that point at it.
     """
     team = Team(name=name, members=list(members))
-    session.add(team)
-    await session.commit()
-    return team
+
+    async def insert_all(tx: AsyncSession) -> Team:
+        tx.add(team)
+        await tx.flush()
+        return team
+
+    try:
+        return await run_in_transaction(session, insert_all)
+    except IntegrityError as exc:
+        if is_unique_violation(exc, Team.__table__.c.name):
+            raise TeamNameTakenError(team.name) from None
+        raise
 
 
 async def move_member(session: AsyncSession, user_id: int, team_id: int | None) -> User | None:
     """Put a user in another team (or none), and return them with the new team loaded.
 
     Returns None if the user does not exist; raises ``LookupError`` if the team
-    does not. Assigning ``user.team`` keeps both sides of the relationship in
+    does not (also when it is deleted while the user moves: the foreign key
+    decides). Assigning ``user.team`` keeps both sides of the relationship in
     step in this session; members collections that were not loaded stay unloaded.
     """
-    user = await get_user_with_team(session, user_id)
-    if user is None:
-        return None
-    team = None if team_id is None else await session.get(Team, team_id)
-    if team_id is not None and team is None:
-        raise LookupError(f"Team {team_id} not found")
-    user.team = team
-    await session.commit()
-    return user
+
+    async def move(tx: AsyncSession) -> User | None:
+        statement = (
+            select(User)
+            .where(User.id == user_id)
+            .options(selectinload(User.team))
+            .with_for_update(of=User)
+            .execution_options(populate_existing=True)
+        )
+        user = (await tx.exec(statement)).first()
+        if user is None:
+            return None
+        team = None if team_id is None else await tx.get(Team, team_id)
+        if team_id is not None and team is None:
+            raise LookupError(f"Team {team_id} not found")
+        user.team = team
+        await tx.flush()
+        return user
+
+    try:
+        return await run_in_transaction(session, move)
+    except IntegrityError as exc:
+        await session.get(User, user_id)  # reload what the undone change expired
+        if is_foreign_key_violation(exc):
+            raise LookupError(f"Team {team_id} not found") from None
+        raise
 
 
 async def delete_team(session: AsyncSession, team_id: int) -> bool:
@@ -119,7 +178,10 @@ async def delete_team(session: AsyncSession, team_id: int) -> bool:
     foreign key's ``ON DELETE SET NULL`` gives the same rows, but loaded
     objects would keep the old ``team_id``.
     """
-    await session.exec(update(User).where(col(User.team_id) == team_id).values(team_id=None))
-    result = await session.exec(delete(Team).where(col(Team.id) == team_id))
-    await session.commit()
-    return result.rowcount == 1
+
+    async def delete_it(tx: AsyncSession) -> bool:
+        await tx.exec(update(User).where(col(User.team_id) == team_id).values(team_id=None))
+        result = await tx.exec(delete(Team).where(col(Team.id) == team_id))
+        return result.rowcount == 1
+
+    return await run_in_transaction(session, delete_it)

@@ -1,7 +1,7 @@
-"""Transactions that never lose money: transfers, retries, savepoints, isolation.
+"""Transactions that never lose money: transfers, retries, savepoints, who commits.
 
 Use ``transfer_funds`` (or its pattern) whenever two concurrent requests may
-change the same rows. What goes wrong with the sheet's read-modify-write
+change the same rows. What goes wrong with the common read-modify-write
 (read both balances, check, write new values): two transfers read the same
 balance, and the second write silently overwrites the first (a *lost update*),
 creating or destroying money. Here:
@@ -11,44 +11,44 @@ creating or destroying money. Here:
   the current row, under the row's lock, so nothing is computed from a stale read.
 * The two rows are always updated in id order, so two transfers never wait on
   each other in a cycle (no deadlock on PostgreSQL or MySQL).
-* It writes before it reads. SQLite has a single writer and snapshots: a
-  transaction that read first and then writes after another one committed
-  fails with "database is locked"; one that writes first just waits its turn.
 * Money is ``Decimal`` (``models.Money`` stores integer cents): never float.
-* ``run_in_transaction`` re-runs the whole transaction after a deadlock, a
-  serialization failure or a busy SQLite, a bounded number of times.
+* **Whoever begins a transaction ends it** (``db.run_in_transaction``). Called
+  on a session with no transaction, a transfer owns its transaction: it takes
+  SQLite's write lock first, commits, and re-runs after a deadlock or a
+  serialization failure. Called inside a transaction you began, it joins it:
+  no commit, no retry, and a refused transfer undoes only its own statements.
+  It never commits work it did not do.
 * ``complex_operation`` shows savepoints: an inner step may fail alone, the
-  outer one may not, and there is no ``commit()`` inside a ``begin()`` block.
+  outer one may not.
 """
 
-import asyncio
-import random
-from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import TypeVar
 
 from sqlalchemy import update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from asyncpatterns.models import Account, Team, User, to_cents
+from asyncpatterns.db import is_retryable, run_in_transaction
+from asyncpatterns.models import Account, Profile, User, to_cents
 
-T = TypeVar("T")
-
-# PostgreSQL SQLSTATEs: serialization_failure, deadlock_detected.
-RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
-# MySQL/MariaDB error codes: deadlock, lock wait timeout.
-RETRYABLE_MYSQL_ERRORS = frozenset({1213, 1205})
-# SQLite: another connection holds the write lock, or this snapshot is stale.
-RETRYABLE_SQLITE_MESSAGES = ("database is locked", "database is busy")
+__all__ = [
+    "AccountNotFoundError",
+    "InsufficientFundsError",
+    "complex_operation",
+    "is_retryable",
+    "move_money",
+    "open_account",
+    "run_in_transaction",
+    "transfer_funds",
+]
 
 
 class AccountNotFoundError(ValueError):
     """One of the accounts of a transfer does not exist."""
 
     def __init__(self, account_id: int) -> None:
-        super().__init__(f"Account {account_id} not found")
+        super().__init__(f"Account not found: {account_id}")
         self.account_id = account_id
 
 
@@ -61,55 +61,28 @@ class InsufficientFundsError(ValueError):
         self.amount = amount
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """True for errors that mean "run the whole transaction again": deadlocks,
-    serialization failures, lock timeouts, a busy SQLite database."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    error = exc.orig
-    if getattr(error, "sqlstate", None) in RETRYABLE_SQLSTATES:
-        return True
-    if error is not None and error.args and error.args[0] in RETRYABLE_MYSQL_ERRORS:
-        return True
-    return any(message in str(error) for message in RETRYABLE_SQLITE_MESSAGES)
+async def open_account(session: AsyncSession, owner: str, balance: Decimal | int = 0) -> Account:
+    """Create an account with an opening balance (>= 0) and return it with its id."""
+    if to_cents(balance) < 0:
+        raise ValueError(f"An opening balance cannot be negative, not {balance}")
+    account = Account(owner=owner, balance=Decimal(balance))
 
+    async def insert_account(tx: AsyncSession) -> Account:
+        tx.add(account)
+        await tx.flush()
+        return account
 
-async def run_in_transaction(
-    session: AsyncSession,
-    work: Callable[[AsyncSession], Awaitable[T]],
-    attempts: int = 5,
-    backoff: float = 0.01,
-) -> T:
-    """Run ``work(session)`` in a transaction and commit; re-run it on a retryable error.
-
-    ``work`` must be the whole transaction, safe to run again from the start:
-    a retry rolls back everything it did. So a transaction the session already
-    has open (it ran a query before) is committed first, not swallowed into
-    the retry. After ``attempts`` tries the last error is raised; other errors
-    roll back and are raised at once. Waits grow exponentially, with jitter, so
-    the transactions that collided do not collide again.
-    """
-    if session.in_transaction():
-        await session.commit()
-    for attempt in range(1, attempts):
-        try:
-            async with session.begin():
-                return await work(session)
-        except DBAPIError as exc:
-            if not is_retryable(exc):
-                raise
-        await asyncio.sleep(backoff * 2**attempt * random.random())
-    async with session.begin():  # the last attempt: any error is the caller's
-        return await work(session)
+    return await run_in_transaction(session, insert_account)
 
 
 async def transfer_funds(
     session: AsyncSession, from_id: int, to_id: int, amount: Decimal | int
 ) -> None:
-    """Move ``amount`` from one account to another, committed, safe under concurrency.
+    """Move ``amount`` from one account to another, safe under concurrency.
 
-    Raises ``ValueError`` for an amount <= 0 or the same account twice,
-    ``TypeError`` for a float, ``AccountNotFoundError`` or
+    Commits, unless you called it inside a transaction you began (then you
+    commit). Raises ``ValueError`` for an amount <= 0 or the same account
+    twice, ``TypeError`` for a float, ``AccountNotFoundError`` or
     ``InsufficientFundsError`` (both ``ValueError``) with both balances untouched.
     Accounts already loaded in ``session`` keep the balance they had: the
     UPDATEs run in the database, so ``refresh`` them to see the new one.
@@ -129,8 +102,9 @@ async def transfer_funds(
 async def move_money(session: AsyncSession, from_id: int, to_id: int, amount: Decimal) -> None:
     """The transfer's statements, in the caller's transaction (no commit, no retry).
 
-    Both rows are updated in id order with guarded atomic UPDATEs. Use it to
-    make a transfer part of a larger transaction run by ``run_in_transaction``.
+    Both rows are updated in id order with guarded atomic UPDATEs. On a
+    refusal the UPDATE that already ran is still in the transaction: run this
+    in a savepoint (as ``run_in_transaction`` does) or roll back.
     """
     for account_id in sorted((from_id, to_id)):
         if account_id == from_id:
@@ -163,36 +137,31 @@ async def _why_not_debited(session: AsyncSession, account_id: int, amount: Decim
 
 
 async def complex_operation(
-    session: AsyncSession, user: User | None = None, team_name: str = "Test"
+    session: AsyncSession, user: User | None = None, bio: str = "Test"
 ) -> bool:
-    """Create ``user`` and a new team named ``team_name`` for them, in one transaction.
+    """Store ``user`` and, in a savepoint, a profile for them; True if the profile was stored.
 
-    Called as the sheet calls it, ``complex_operation(session)``, the user is the
-    sheet's ``User(name="Test", email="test@example.com")``.
+    Called as the common pattern calls it, ``complex_operation(session)``, the
+    user is ``User(name="Test", email="test@example.com")`` and the bio "Test".
 
-    The team is an optional inner step, in a savepoint: if its INSERT fails
-    (the name is taken), only the savepoint is rolled back, the user is still
-    committed (without a team), and this returns False. If the user's INSERT
-    fails (a duplicate email), the error is raised and nothing is committed.
-    Works whether or not the session already has a transaction open; what it
-    holds is committed with the user.
+    The profile is the step that may fail alone: if its INSERT fails (this
+    user already has a profile), only the savepoint is rolled back, the user
+    is still stored, and this returns False. If the user's INSERT fails (a
+    duplicate email), the error is raised and nothing is stored. Commits,
+    unless it runs inside a transaction you began.
     """
     if user is None:
         user = User(name="Test", email="test@example.com")
-    try:
-        session.add(user)
-        await session.flush()  # the outer step: its failure must not be swallowed
+
+    async def work(tx: AsyncSession) -> bool:
+        tx.add(user)
+        await tx.flush()  # the outer step: its failure must not be swallowed
         try:
-            async with session.begin_nested():  # SAVEPOINT
-                team = Team(name=team_name)
-                session.add(team)
-                await session.flush()  # fails here if the name is taken
-                user.team_id = team.id
-            joined = True
-        except IntegrityError:  # ROLLBACK TO SAVEPOINT: the user is still pending
-            joined = False
-        await session.commit()
-    except BaseException:
-        await session.rollback()
-        raise
-    return joined
+            async with tx.begin_nested():  # SAVEPOINT
+                tx.add(Profile(user_id=user.id, bio=bio))
+                await tx.flush()  # fails here if the user already has a profile
+        except IntegrityError:  # ROLLBACK TO SAVEPOINT: the user is still there
+            return False
+        return True
+
+    return await run_in_transaction(session, work)

@@ -66,3 +66,30 @@ def test_mask_password(url: str) -> None:
     masked = mask_password(url)
     assert "s3cret" not in masked
     assert "***" in masked
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mysql://root:p@ss@127.0.0.1/db", "mysql://***@127.0.0.1/db"),  # unescaped "@"
+        ("postgresql://u@h/d?password=s3cret", "postgresql://u@h/d?password=***"),
+        (
+            "postgresql://u:s3cret@h/d?sslpassword=s3cret&app=x",
+            "postgresql://u:***@h/d?app=x&sslpassword=***",
+        ),
+        (
+            "mysql://root:1@127.0.0.1/db",
+            "mysql://root:***@127.0.0.1/db",
+        ),  # "1" is not masked in the host
+        ("mysql://root:root@h/d", "mysql://root:***@h/d"),  # nor in the user name
+        ("postgresql://u:a%40b@h/d", "postgresql://u:***@h/d"),  # an escaped "@" is fine
+    ],
+)
+def test_mask_password_hides_only_the_secrets(url: str, shown: str) -> None:
+    assert mask_password(url) == shown
+
+
+def test_an_unescaped_at_sign_is_refused_with_what_to_do() -> None:
+    with pytest.raises(ConfigurationError, match="percent-encode '@'.*%40") as info:
+        resolve_url("mysql://root:p@ss@127.0.0.1/db")
+    assert "p@ss" not in str(info.value) and "ss@" not in str(info.value)

@@ -1,11 +1,22 @@
+import asyncio
+import os
+import uuid
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlmodel import select
 
+from asyncpatterns import crud
 from asyncpatterns.config import ConfigurationError, DatabaseUnavailableError
-from asyncpatterns.db import make_engine, make_session_maker, session_scope
-from asyncpatterns.models import Team
+from asyncpatterns.db import (
+    create_db_and_tables,
+    make_engine,
+    make_session_maker,
+    session_scope,
+)
+from asyncpatterns.models import Team, User
+from asyncpatterns.testing import SERVER_URL_VARIABLES
 
 
 def test_missing_driver_is_one_clear_error() -> None:
@@ -91,3 +102,100 @@ async def test_expire_on_commit_is_off(engine) -> None:
 
 async def _team_names(session) -> list[str]:
     return list((await session.exec(select(Team.name))).all())
+
+
+async def test_masking_leaves_the_rest_of_an_error_intact() -> None:
+    # The password is "1": hiding its text everywhere would mangle "127.0.0.1".
+    engine = make_engine("postgresql+asyncpg://postgres:1@127.0.0.1:9/db", pool_pre_ping=False)
+    with pytest.raises(DatabaseUnavailableError) as info:
+        async with engine.connect():
+            pass
+    await engine.dispose()
+    assert "postgres:***@127.0.0.1:9/db" in str(info.value)
+
+
+# -- SQLite specifics ------------------------------------------------------------------
+
+
+async def test_sqlite_autocommit_is_honoured(tmp_path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'auto.db'}"
+    engine = make_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:  # no commit: each statement commits itself
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
+    finally:
+        await engine.dispose()
+    engine = make_engine(url)  # and per connection, on a transactional engine
+    try:
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("INSERT INTO t VALUES (2)"))
+        async with engine.connect() as conn:  # the next checkout is transactional again
+            await conn.execute(text("INSERT INTO t VALUES (3)"))
+            await conn.rollback()
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 2
+    finally:
+        await engine.dispose()
+
+
+async def test_in_memory_sqlite_gives_each_session_the_database_in_turn() -> None:
+    # StaticPool (SQLAlchemy's default for :memory:) hands one connection to every
+    # session at once: one session's rollback undid another's committed row.
+    engine = make_engine("sqlite+aiosqlite:///:memory:")
+    try:
+        await create_db_and_tables(engine)
+        session_maker = make_session_maker(engine)
+
+        async def add_team(i: int) -> None:
+            async with session_scope(session_maker) as session:
+                session.add(Team(name=f"Team {i}"))
+                await session.flush()
+                await asyncio.sleep(0)  # let the others run in between
+                if i % 2:
+                    raise RuntimeError("roll this one back")
+
+        results = await asyncio.gather(*(add_team(i) for i in range(20)), return_exceptions=True)
+        assert [isinstance(r, RuntimeError) for r in results] == [i % 2 == 1 for i in range(20)]
+        async with session_maker() as session:
+            assert sorted(await _team_names(session)) == sorted(
+                f"Team {i}" for i in range(0, 20, 2)
+            )
+    finally:
+        await engine.dispose()
+
+
+async def test_ids_of_deleted_rows_are_never_reused(engine) -> None:
+    session_maker = make_session_maker(engine)
+    async with session_maker() as session:
+        first = await crud.create_user(session, User(name="A", email="a@example.com"))
+        first_id = first.id
+        assert await crud.delete_user(session, first_id)
+        second = await crud.create_user(session, User(name="B", email="b@example.com"))
+    assert second.id > first_id  # a PATCH still in flight for A must not land on B
+
+
+async def test_mysql_tables_are_utf8mb4_whatever_the_database_default(backend) -> None:
+    if backend != "mysql":
+        pytest.skip("the database default charset is a MySQL setting")
+    server = make_engine(os.environ[SERVER_URL_VARIABLES["mysql"]], isolation_level="AUTOCOMMIT")
+    name = f"asyncpatterns_latin1_{uuid.uuid4().hex[:8]}"
+    try:
+        async with server.connect() as conn:
+            await conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET latin1"))
+        engine = make_engine(server.url.set(database=name))
+        try:
+            await create_db_and_tables(engine)
+            async with make_session_maker(engine)() as session:
+                user = await crud.create_user(session, User(name="🙂 李", email="ü@example.com"))
+                session.expunge_all()
+                stored = await crud.get_user(session, user.id)
+            assert (stored.name, stored.email) == ("🙂 李", "ü@example.com")
+        finally:
+            await engine.dispose()
+    finally:
+        async with server.connect() as conn:
+            await conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        await server.dispose()
