@@ -398,23 +398,23 @@ def _has_changes(session: AsyncSession) -> bool:
 # -- What a database error means, from each backend's own error code -------------------
 
 # PostgreSQL SQLSTATEs, MySQL/MariaDB error numbers, SQLite extended result codes.
-_RETRYABLE = {
+RETRYABLE_CODES = {
     "postgresql": {"40001", "40P01"},  # serialization failure, deadlock detected
     "mysql": {1213},  # deadlock found when trying to get lock
     "sqlite": {517},  # SQLITE_BUSY_SNAPSHOT: a writer committed after this transaction read
 }
-_LOCK_TIMEOUT = {
+LOCK_TIMEOUT_CODES = {
     "postgresql": {"55P03"},  # lock_not_available (lock_timeout)
     "mysql": {1205},  # lock wait timeout exceeded
     "sqlite": {5, 261, 773},  # SQLITE_BUSY (+ _RECOVERY, _TIMEOUT) after busy_timeout
 }
-_CONNECTION_LOST = {
+CONNECTION_LOST_CODES = {
     "postgresql": {"08000", "08003", "08006", "57P01", "57P02", "57P03"},  # server shut down
     "mysql": {1053, 2006, 2013},  # server shutdown, gone away, lost connection
     "sqlite": set(),
 }
-_UNIQUE = {"postgresql": {"23505"}, "mysql": {1062}, "sqlite": {2067, 1555}}
-_FOREIGN_KEY = {"postgresql": {"23503"}, "mysql": {1451, 1452}, "sqlite": {787}}
+UNIQUE_CODES = {"postgresql": {"23505"}, "mysql": {1062}, "sqlite": {2067, 1555}}
+FOREIGN_KEY_CODES = {"postgresql": {"23503"}, "mysql": {1451, 1452}, "sqlite": {787}}
 
 
 def error_code(exc: BaseException) -> tuple[str, str | int] | None:
@@ -442,24 +442,24 @@ def _is(codes: dict[str, set[Any]], exc: BaseException) -> bool:
 def is_retryable(exc: BaseException) -> bool:
     """True for errors that mean "run the whole transaction again": a deadlock or a
     serialization failure. A lock timeout is not one: it has already waited."""
-    return _is(_RETRYABLE, exc)
+    return _is(RETRYABLE_CODES, exc)
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
     """True if a statement gave up waiting for a lock (the database is busy)."""
-    return _is(_LOCK_TIMEOUT, exc)
+    return _is(LOCK_TIMEOUT_CODES, exc)
 
 
 def is_connection_lost(exc: BaseException) -> bool:
     """True if the connection died under a statement (a restart, a killed connection)."""
     return (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _is(
-        _CONNECTION_LOST, exc
+        CONNECTION_LOST_CODES, exc
     )
 
 
 def is_foreign_key_violation(exc: BaseException) -> bool:
     """True if a write pointed at a row that does not exist (or removed one still pointed at)."""
-    return _is(_FOREIGN_KEY, exc)
+    return _is(FOREIGN_KEY_CODES, exc)
 
 
 def is_unique_violation(exc: BaseException, column: Column[Any]) -> bool:
@@ -469,7 +469,7 @@ def is_unique_violation(exc: BaseException, column: Column[Any]) -> bool:
     unique index or constraint, SQLite names the columns ("user.email").
     """
     code = error_code(exc)
-    if code is None or code[1] not in _UNIQUE[code[0]]:
+    if code is None or code[1] not in UNIQUE_CODES[code[0]]:
         return False
     error = exc.orig  # type: ignore[attr-defined]
     table = column.table

@@ -103,15 +103,16 @@ RECOMMENDED_SETTINGS: list[PoolSetting] = [
         "poolclass",
         "AsyncAdaptedQueuePool (default: size 5, overflow 10)",
         "one connection per concurrent task, each in its own thread; WAL (set by "
-        "make_engine) lets readers run beside the single writer, and busy_timeout "
-        "makes a second writer wait instead of failing",
+        "make_engine) lets readers run beside the single writer, and a writer that "
+        "begins with BEGIN IMMEDIATE waits its turn (busy_timeout) instead of failing",
     ),
     PoolSetting(
         "sqlite (:memory:)",
         "poolclass",
-        "StaticPool (default)",
-        "every new connection to :memory: is a new, empty database, so all tasks share "
-        "one connection",
+        "AsyncAdaptedQueuePool, pool_size=1, max_overflow=0 (make_engine's default)",
+        "every new connection to :memory: is a new, empty database, so the one connection "
+        "is kept; a pool of one hands it to one session at a time (StaticPool hands it to "
+        "all at once, and their transactions mix)",
     ),
     PoolSetting(
         "behind pgbouncer or another external pooler",
