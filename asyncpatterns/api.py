@@ -40,6 +40,7 @@ from fastapi import (
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Strict, field_validator, model_validator
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -49,9 +50,9 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asyncpatterns import crud
-from asyncpatterns.config import DatabaseUnavailableError
-from asyncpatterns.db import (
+from . import crud
+from .config import DatabaseUnavailableError
+from .db import (
     LOCK_TIMEOUT,
     create_db_and_tables,
     is_connection_lost,
@@ -62,7 +63,7 @@ from asyncpatterns.db import (
     make_session_maker,
     run_in_transaction,
 )
-from asyncpatterns.models import (
+from .models import (
     CENT,
     MAX_ID,
     TEXT_PATTERN,
@@ -74,8 +75,8 @@ from asyncpatterns.models import (
     UserRead,
     UserUpdate,
 )
-from asyncpatterns.relationships import TeamNameTakenError, create_team, get_team_with_members
-from asyncpatterns.transactions import (
+from .relationships import TeamNameTakenError, create_team, get_team_with_members
+from .transactions import (
     AccountNotFoundError,
     InsufficientFundsError,
     move_money,
@@ -177,7 +178,9 @@ def create_app(
     ``pool_timeout`` is how long a request waits for a pooled connection,
     ``lock_timeout`` how long a statement waits for a locked row (seconds).
     """
-    app = FastAPI(
+    # FastAPIOffline: FastAPI, with /docs and /redoc served from the installed
+    # package instead of a CDN, so the docs work without internet access.
+    app = FastAPIOffline(
         title="asyncpatterns",
         summary="Users, teams and accounts on async SQLModel.",
         lifespan=lifespan,
@@ -195,9 +198,30 @@ def create_app(
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request, from the app's session maker; closed afterwards."""
-    async with request.app.state.session_maker() as session:
+    """One session per request, from the app's session maker; closed afterwards.
+
+    FastAPI closes it after the response is sent. Closing rolls back what was
+    not committed; if the connection died meanwhile there is nothing left to
+    roll back, and the answer is already out. So a failure here is logged, not
+    raised: raising would make the server drop the client's keep-alive
+    connection, and the client's next request with it.
+    """
+    session = request.app.state.session_maker()
+    try:
         yield session
+    finally:
+        try:
+            await session.close()
+        except Exception as exc:
+            lost = is_connection_lost(exc)
+            logger.log(
+                logging.WARNING if lost else logging.ERROR,
+                "%s %s: closing the session failed: %s",
+                request.method,
+                request.url.path,
+                exc,
+                exc_info=None if lost else exc,
+            )
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]

@@ -57,18 +57,18 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from tqdm import tqdm
 
-from asyncpatterns import crud, relationships
-from asyncpatterns.config import ConfigurationError, mask_password, resolve_url
-from asyncpatterns.db import (
+from . import crud, relationships
+from .config import ConfigurationError, mask_password, resolve_url
+from .db import (
     create_db_and_tables,
     make_engine,
     make_session_maker,
     throwaway_database,
 )
-from asyncpatterns.models import Account, Team, User
-from asyncpatterns.pooling import gather_bounded, slow_query
-from asyncpatterns.sqlwatch import watch_sql
-from asyncpatterns.transactions import transfer_funds
+from .models import Account, Team, User
+from .pooling import gather_bounded, slow_query
+from .sqlwatch import watch_sql
+from .transactions import transfer_funds
 
 # What a variant is, for the ratios: the sheet's code, the kit's pattern,
 # another way people write it, or the driver used directly (the physical limit).

@@ -28,17 +28,17 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 
-from asyncpatterns import crud, pooling, relationships, transactions
-from asyncpatterns.bench import SCENARIOS, bench_command
-from asyncpatterns.config import ConfigurationError, DatabaseUnavailableError, mask_password
-from asyncpatterns.db import (
+from . import crud, pooling, relationships, transactions
+from .bench import SCENARIOS, bench_command
+from .config import ConfigurationError, DatabaseUnavailableError, mask_password
+from .db import (
     create_db_and_tables,
     drop_db_and_tables,
     make_engine,
     make_session_maker,
 )
-from asyncpatterns.models import Account, User
-from asyncpatterns.sqlwatch import watch_sql
+from .models import Account, User
+from .sqlwatch import watch_sql
 
 TourStep = Callable[[AsyncEngine], Awaitable[list[str]]]
 
@@ -156,7 +156,7 @@ async def _tour_transactions(engine: AsyncEngine) -> list[str]:
 
 
 async def _tour_api(engine: AsyncEngine) -> list[str]:
-    from asyncpatterns.api import create_app  # here: importing api builds its module-level app
+    from .api import create_app  # here: importing api builds its module-level app
 
     app = create_app(engine.url)
     transport = httpx.ASGITransport(app=app)  # calls the app in-process, without a server
@@ -218,9 +218,9 @@ async def tour(url: str | None = None) -> int:
 
 def serve(url: str | None, host: str, port: int) -> int:
     """Serve the API with uvicorn; an unreachable database fails here, in one line."""
-    from asyncpatterns.api import create_app  # here: importing api builds its module-level app
+    from .api import create_app  # here: importing api builds its module-level app
 
-    asyncio.run(_check_database(url))
+    _run(_check_database(url))
     uvicorn.run(create_app(url), host=host, port=port)
     return 0
 
@@ -232,6 +232,21 @@ async def _check_database(url: str | None) -> None:
             pass
     finally:
         await engine.dispose()
+
+
+def _run(coroutine: Awaitable[int | None]) -> int | None:
+    """``asyncio.run``, but after a failed connection the loop stays open a moment:
+    aiosqlite stops its worker thread after a failed connect without waiting for
+    it, and a thread that finds its loop closed prints a stray traceback."""
+
+    async def run() -> int | None:
+        try:
+            return await coroutine
+        except DatabaseUnavailableError:
+            await asyncio.sleep(0.05)
+            raise
+
+    return asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "tour":
-            return asyncio.run(tour(args.url))
+            return _run(tour(args.url))
         if args.command == "bench":
             return bench_command(args.url, args.quick, args.json, args.only, args.repeats)
         if args.command == "serve":
             return serve(args.url, args.host, args.port)
         if args.command == "notebooks":
-            from asyncpatterns.notebook import regenerate  # needs the [lab] extra
+            from .notebook import regenerate  # needs the [lab] extra
 
             regenerate(args.paths or sorted(Path("notebooks").glob("*.ipynb")))
     except (ConfigurationError, DatabaseUnavailableError) as exc:

@@ -31,8 +31,8 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from asyncpatterns.db import is_unique_violation, run_in_transaction
-from asyncpatterns.models import EMAIL_LENGTH, User, UserUpdate, canonical_email
+from .db import is_unique_violation, run_in_transaction
+from .models import EMAIL_LENGTH, User, UserUpdate, canonical_email
 
 MAX_PAGE_SIZE = 100
 CHUNK = 1000  # ids or rows per statement

@@ -49,7 +49,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from asyncpatterns.config import (
+from .config import (
     ConfigurationError,
     DatabaseUnavailableError,
     mask_password,
@@ -170,7 +170,7 @@ def _report_unreachable_server(engine: AsyncEngine) -> None:
     def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
         try:
             return dialect.connect(*cargs, **cparams)
-        except (OSError, asyncio.TimeoutError, dialect.loaded_dbapi.Error) as exc:
+        except (TimeoutError, OSError, dialect.loaded_dbapi.Error) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DatabaseUnavailableError(
                 f"Cannot connect to {mask_password(engine.url)}: {reason}. Start the "

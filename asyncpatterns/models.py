@@ -18,7 +18,7 @@
 """
 
 import unicodedata
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Optional
 
@@ -217,7 +217,7 @@ class IdempotencyKey(SQLModel, table=True):
     request: str = Field(max_length=64)  # SHA-256 of the request, to refuse a reused key
     status_code: int
     response: str = Field(sa_type=Text)  # the JSON answered
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
 @event.listens_for(User, "before_insert")

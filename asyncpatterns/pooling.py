@@ -44,8 +44,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool, QueuePool
 from sqlalchemy.sql.elements import TextClause
 
-from asyncpatterns.config import backend_name
-from asyncpatterns.db import SERVER_POOL_DEFAULTS, make_engine
+from .config import backend_name
+from .db import SERVER_POOL_DEFAULTS, make_engine
 
 T = TypeVar("T")
 

@@ -34,8 +34,8 @@ from sqlalchemy.orm import joinedload, lazyload, selectinload
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from asyncpatterns.db import is_foreign_key_violation, is_unique_violation, run_in_transaction
-from asyncpatterns.models import Team, User
+from .db import is_foreign_key_violation, is_unique_violation, run_in_transaction
+from .models import Team, User
 
 
 class TeamNameTakenError(ValueError):

@@ -53,9 +53,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from asyncpatterns.api import create_app, get_session
-from asyncpatterns.config import DatabaseUnavailableError
-from asyncpatterns.db import (
+from .api import create_app, get_session
+from .config import DatabaseUnavailableError
+from .db import (
     create_db_and_tables,
     make_engine,
     make_session_maker,

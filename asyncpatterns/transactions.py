@@ -29,8 +29,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from asyncpatterns.db import is_retryable, run_in_transaction
-from asyncpatterns.models import Account, Profile, User, to_cents
+from .db import is_retryable, run_in_transaction
+from .models import Account, Profile, User, to_cents
 
 __all__ = [
     "AccountNotFoundError",

@@ -1,11 +1,8 @@
 """environment.yml (conda) and pyproject.toml must install the same packages."""
 
 import re
+import tomllib
 from pathlib import Path
-
-import pytest
-
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).parent.parent
 
@@ -27,6 +24,9 @@ def _conda_packages() -> set[str]:
     text = (ROOT / "environment.yml").read_text()
     dependencies = text.split("dependencies:", 1)[1]
     names = {_name(m) for m in re.findall(r"^  - ([A-Za-z0-9_.-]+)", dependencies, re.M)}
+    names |= {
+        _name(m) for m in re.findall(r"^      - ([A-Za-z][A-Za-z0-9_.-]*)", dependencies, re.M)
+    }
     return names - {"python", "pip", "greenlet"}  # greenlet: sqlalchemy[asyncio]'s extra
 
 
