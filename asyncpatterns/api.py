@@ -56,7 +56,6 @@ from .db import (
     LOCK_TIMEOUT,
     create_db_and_tables,
     is_connection_lost,
-    is_foreign_key_violation,
     is_lock_timeout,
     is_unique_violation,
     make_engine,
@@ -351,9 +350,8 @@ async def create_user_endpoint(user: UserCreate, session: SessionDep) -> UserRea
         created = await crud.create_user(session, User.model_validate(user))
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
-    except IntegrityError as exc:
-        _raise_if_team_missing(exc, user.team_id)
-        raise
+    except LookupError as exc:  # the team_id has no team
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     return UserRead.model_validate(created)
 
 
@@ -383,9 +381,8 @@ async def update_user_endpoint(
         user = await crud.update_user(session, user_id, changes)
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
-    except IntegrityError as exc:
-        _raise_if_team_missing(exc, changes.team_id)
-        raise
+    except LookupError as exc:  # the team_id has no team
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     if user is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, USER_NOT_FOUND)
     return UserRead.model_validate(user)
@@ -396,13 +393,6 @@ async def delete_user_endpoint(user_id: UserId, session: SessionDep) -> Deleted:
     if not await crud.delete_user(session, user_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, USER_NOT_FOUND)
     return Deleted(ok=True)
-
-
-def _raise_if_team_missing(exc: IntegrityError, team_id: int | None) -> None:
-    # The user's only foreign key is team_id: its violation means "no such team",
-    # also when the team was deleted while this request ran.
-    if is_foreign_key_violation(exc):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Team {team_id} not found") from None
 
 
 # -- Teams, with their members eager-loaded --------------------------------------------

@@ -20,6 +20,16 @@ DEFAULT_URL = "sqlite+aiosqlite:///asyncpatterns.db"
 
 # backend name -> the async driver this kit uses for it
 ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg", "mysql": "aiomysql"}
+# drivers that block the event loop: SQLAlchemy's async engine refuses them
+_SYNC_DRIVERS = {
+    "pysqlite",
+    "psycopg2",
+    "pg8000",
+    "pymysql",
+    "mysqldb",
+    "mysqlconnector",
+    "mariadbconnector",
+}
 # schemes people write, and the backend they mean
 _BACKEND_ALIASES = {
     "sqlite": "sqlite",
@@ -62,6 +72,12 @@ def resolve_url(url: str | URL | None = None) -> URL:
         )
     if "+" not in parsed.drivername:
         parsed = parsed.set(drivername=f"{backend}+{ASYNC_DRIVERS[backend]}")
+    elif parsed.get_driver_name() in _SYNC_DRIVERS:
+        raise ConfigurationError(
+            f"{parsed.get_driver_name()} in {mask_password(parsed)} is a synchronous driver, "
+            f"which an async engine cannot use; write {backend}+{ASYNC_DRIVERS[backend]}:// "
+            f"(or just {backend}://)"
+        )
     if parsed.get_backend_name() == "mariadb":
         # SQLAlchemy's mariadb dialect is the same driver family; keep one name.
         parsed = parsed.set(drivername=f"mysql+{parsed.get_driver_name()}")

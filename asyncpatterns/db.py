@@ -32,7 +32,7 @@ import random
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,7 +42,13 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import InstanceState, ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.orm import (
+    InstanceState,
+    ORMExecuteState,
+    Session,
+    SessionTransaction,
+    make_transient_to_detached,
+)
 from sqlalchemy.orm.session import SessionTransactionOrigin
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from sqlalchemy.sql.elements import TextClause
@@ -170,12 +176,28 @@ def _report_unreachable_server(engine: AsyncEngine) -> None:
     def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
         try:
             return dialect.connect(*cargs, **cparams)
-        except (TimeoutError, OSError, dialect.loaded_dbapi.Error) as exc:
+        except (OSError, TimeoutError, dialect.loaded_dbapi.Error) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DatabaseUnavailableError(
-                f"Cannot connect to {mask_password(engine.url)}: {reason}. Start the "
-                "server (see compose.yaml) or set DATABASE_URL to a reachable database."
+                f"Cannot connect to {mask_password(engine.url)}: {reason}. "
+                f"{_what_to_do(engine.url, exc)}"
             ) from exc
+
+
+def _what_to_do(url: URL, exc: BaseException) -> str:
+    """The hint that fits the failure: credentials, database, folder, or server."""
+    code = getattr(exc, "sqlstate", None) if url.get_backend_name() == "postgresql" else None
+    errno = exc.args[0] if url.get_backend_name() == "mysql" and exc.args else None
+    if code in ("28P01", "28000") or errno in (1045, 1698):
+        return "Check the user name and password in the URL."
+    if code == "3D000" or errno == 1049:
+        return f"Create it first (CREATE DATABASE {url.database}), or name an existing one."
+    if url.get_backend_name() == "sqlite":
+        folder = Path(url.database or ".").parent
+        if not folder.exists():
+            return f"The folder {folder} does not exist: create it, or use a path in another one."
+        return f"Check that {url.database} can be created and written there (permissions)."
+    return "Start the server (see the README) or set DATABASE_URL to a reachable database."
 
 
 def make_session_maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -357,8 +379,51 @@ async def session_scope(
         yield session
 
 
-# The session-level facts the rule needs, recorded per root transaction in session.info.
+def attach_inserted(session: AsyncSession, objects: Sequence[Any]) -> None:
+    """Make new objects whose rows a Core INSERT just stored persistent in ``session``.
+
+    Their primary keys must be set. Afterwards they are what a flush leaves:
+    ``session.get`` returns them, ``session.add`` does nothing, a change is one
+    UPDATE. If the transaction (or savepoint) they were stored in rolls back,
+    they leave the session again, as flushed inserts do.
+    """
+    for obj in objects:
+        make_transient_to_detached(obj)
+    session.add_all(objects)
+    sync_session = session.sync_session
+    transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
+    sync_session.info.setdefault(_ATTACHED, {}).setdefault(transaction, []).extend(objects)
+
+
+# The session-level facts the rule needs, recorded per transaction in session.info.
 _CONNECTED, _WROTE = "asyncpatterns.connected", "asyncpatterns.wrote"
+_ATTACHED = "asyncpatterns.attached"
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_attached(session: Session, rolled_back: SessionTransaction) -> None:
+    # Objects attached in this transaction or one nested in it: their rows are gone.
+    attached = session.info.get(_ATTACHED, {})
+    for transaction in list(attached):
+        ancestor = transaction
+        while ancestor is not None and ancestor is not rolled_back:
+            ancestor = ancestor.parent
+        if ancestor is rolled_back:
+            for obj in attached.pop(transaction):
+                if obj in session:
+                    session.expunge(obj)
+
+
+@event.listens_for(Session, "after_commit")
+def _keep_attached(session: Session) -> None:
+    # A committed savepoint hands its objects to the transaction around it; at
+    # the end of the root transaction there is nothing left to undo.
+    committed = session.get_nested_transaction() or session.get_transaction()
+    attached = session.info.get(_ATTACHED, {})
+    if committed in attached:
+        objects = attached.pop(committed)
+        if committed.parent is not None:
+            attached.setdefault(committed.parent, []).extend(objects)
 
 
 @event.listens_for(Session, "after_begin")
@@ -442,7 +507,17 @@ def _is(codes: dict[str, set[Any]], exc: BaseException) -> bool:
 def is_retryable(exc: BaseException) -> bool:
     """True for errors that mean "run the whole transaction again": a deadlock or a
     serialization failure. A lock timeout is not one: it has already waited."""
-    return _is(RETRYABLE_CODES, exc)
+    return _is(RETRYABLE_CODES, exc) or _savepoint_gone(exc)
+
+
+def _savepoint_gone(exc: BaseException) -> bool:
+    # MySQL ends the whole transaction on a deadlock. When that happens inside a
+    # flush, SQLAlchemy then rolls back to its savepoint, which no longer exists:
+    # 1305 "SAVEPOINT ... does not exist" is what reaches us, not the deadlock.
+    statement = getattr(exc, "statement", None) or ""
+    return error_code(exc) == ("mysql", 1305) and statement.startswith(
+        ("ROLLBACK TO SAVEPOINT", "RELEASE SAVEPOINT")
+    )
 
 
 def is_lock_timeout(exc: BaseException) -> bool:

@@ -66,19 +66,56 @@ async def test_create_users_10000_in_at_most_10_statements(engine) -> None:
         assert stored.email == created[-1].email
 
 
-async def test_create_users_without_returning_reads_ids_by_email(engine) -> None:
-    # MySQL 8 has no INSERT ... RETURNING: force that path on every backend.
+async def test_create_users_without_returning_reads_ids_by_email(engine, monkeypatch) -> None:
+    # MySQL 8 has no INSERT ... RETURNING: force that path on every backend
+    # (MariaDB's dialect sets the flag again on each new connection: stop that too).
+    async with engine.connect():  # the dialect sets its flags on the first connection
+        pass
     dialect = engine.sync_engine.dialect
-    saved = dialect.insert_executemany_returning
-    dialect.insert_executemany_returning = False
-    try:
-        async with make_session_maker(engine)() as session:
+    monkeypatch.setattr(dialect, "insert_returning", False)
+    if hasattr(dialect, "_set_mariadb"):
+        set_mariadb = dialect._set_mariadb
+
+        def set_mariadb_without_returning(*args) -> None:
+            set_mariadb(*args)
+            dialect.insert_returning = False
+
+        monkeypatch.setattr(dialect, "_set_mariadb", set_mariadb_without_returning)
+    async with make_session_maker(engine)() as session:
+        with watch_sql(engine) as sql:
             created = await crud.create_users(session, make_users(1500))
-            ids = {u.email: u.id for u in created}
-            rows = (await session.exec(select(User.email, User.id))).all()
-    finally:
-        dialect.insert_executemany_returning = saved
+        ids = {u.email: u.id for u in created}
+        rows = (await session.exec(select(User.email, User.id))).all()
     assert ids == dict(rows)
+    if engine.dialect.name != "postgresql":  # one INSERT and one SELECT per 1,000 rows
+        assert sql.first_words(1) == ["INSERT", "SELECT", "INSERT", "SELECT"]
+
+
+async def test_create_users_returns_the_objects_passed_in_persistent(engine) -> None:
+    session_maker = make_session_maker(engine)
+    async with session_maker() as session:
+        users = make_users(3)
+        created = await crud.create_users(session, users)
+        assert created == users and all(a is b for a, b in zip(created, users, strict=True))
+        with watch_sql(engine) as sql:
+            assert await session.get(User, users[0].id) is users[0]  # from the session
+            session.add(users[1])  # already persistent: nothing to insert
+            users[2].name = "Renamed"
+            await session.commit()
+        assert sql.first_words(1) == ["UPDATE"]
+    async with session_maker() as session:
+        assert (await crud.get_user(session, users[2].id)).name == "Renamed"
+
+
+async def test_users_created_in_a_rolled_back_transaction_leave_the_session(engine) -> None:
+    async with make_session_maker(engine)() as session:
+        users = make_users(2)
+        async with session.begin():
+            await crud.create_users(session, users)
+            assert users[0] in session
+            await session.rollback()
+        assert users[0] not in session and users[1] not in session  # their rows are gone
+        assert await crud.count_users(session) == 0
 
 
 async def test_create_users_with_a_duplicate_stores_none(session) -> None:

@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlmodel import select
 
 from asyncpatterns import crud
@@ -48,7 +48,8 @@ async def test_unreachable_server_is_one_clear_error(url: str) -> None:
 
 async def test_sqlite_file_in_missing_folder_is_unavailable(tmp_path) -> None:
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/x.db")
-    with pytest.raises(DatabaseUnavailableError, match="unable to open database file"):
+    hint = "unable to open database file. The folder .* does not exist: create it"
+    with pytest.raises(DatabaseUnavailableError, match=hint):
         async with engine.connect():
             pass
     await engine.dispose()
@@ -199,3 +200,28 @@ async def test_mysql_tables_are_utf8mb4_whatever_the_database_default(backend) -
         async with server.connect() as conn:
             await conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         await server.dispose()
+
+
+@pytest.mark.parametrize(
+    ("change", "hint"),
+    [
+        ({"database": "asyncpatterns_no_such_db"}, "CREATE DATABASE asyncpatterns_no_such_db"),
+        ({"username": "asyncpatterns_nobody"}, "Check the user name and password"),
+        ({"port": 9}, "Start the server"),
+    ],
+    ids=["no-database", "no-user", "no-server"],
+)
+async def test_a_connection_error_says_what_to_do_about_it(backend, change, hint) -> None:
+    if backend == "sqlite":
+        pytest.skip("a server's errors; test_sqlite_file_in_missing_folder_... covers SQLite")
+    url = make_url(os.environ[SERVER_URL_VARIABLES[backend]]).set(**change)
+    engine = make_engine(url, pool_pre_ping=False)
+    with pytest.raises(DatabaseUnavailableError, match=hint):
+        async with engine.connect():
+            pass
+    await engine.dispose()
+
+
+def test_a_synchronous_driver_is_one_line_saying_which_to_use() -> None:
+    with pytest.raises(ConfigurationError, match=r"synchronous driver.*mysql\+aiomysql://"):
+        make_engine("mysql+pymysql://root@127.0.0.1/db")
