@@ -25,7 +25,8 @@ Fixtures:
 * ``database_url`` -- a throw-away database with the tables created.
 * ``engine`` -- an engine on it; rows committed by the test are deleted after it.
 * ``session`` -- a session whose work is rolled back after the test, even if
-  the code under test calls ``commit()``.
+  the code under test calls ``commit()``. ``async_session`` is the same
+  fixture under the name the common async SQLModel pattern uses.
 * ``app`` -- the kit's FastAPI app on the test database (override this fixture
   in your ``conftest.py`` to test your own app built the same way).
 * ``client`` -- an ``httpx.AsyncClient`` calling ``app`` in-process, every
@@ -159,6 +160,12 @@ async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
         async with session_maker() as session:
             yield session
         await transaction.rollback()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def async_session(session: AsyncSession) -> AsyncSession:
+    """``session``, under the common pattern's name."""
+    return session
 
 
 @pytest_asyncio.fixture(loop_scope="session")
