@@ -40,9 +40,11 @@ Fixtures:
 import asyncio
 import os
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -68,6 +70,21 @@ SERVER_URL_VARIABLES = {
     "postgresql": "ASYNCPATTERNS_POSTGRES_URL",
     "mysql": "ASYNCPATTERNS_MYSQL_URL",
 }
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line per server backend the run left out, saying how to include it."""
+    left_out: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+        for name, variable in SERVER_URL_VARIABLES.items():
+            if reason.startswith(f"Skipped: {name}: set {variable}"):
+                left_out[name] += 1
+    for name, count in left_out.items():
+        terminalreporter.write_line(
+            f"{name}: {count} tests not run (set {SERVER_URL_VARIABLES[name]} to a server URL "
+            "to test this backend)"
+        )
 
 
 def required_backends() -> set[str]:

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -647,6 +648,15 @@ async def test_tour_step_races_and_refuses_bad_input(engine) -> None:
         "20 racing POSTs, one email: 1 stored (201), 19 refused (400 Email already registered)",
         "bad input: limit=1000 -> 422, name null -> 422, unknown id -> 404",
     ]
+
+
+async def test_the_docs_page_needs_no_internet(client) -> None:
+    page = await client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(asset.startswith("/") for asset in assets), assets  # no CDN
+    for asset in assets:
+        assert (await client.get(asset)).status_code == 200, asset
 
 
 # -- OpenAPI -------------------------------------------------------------------------------

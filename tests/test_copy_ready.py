@@ -64,8 +64,9 @@ def test_the_readme_lists_every_pattern_module() -> None:
 
 @pytest.mark.parametrize("module", sorted(FILES))
 def test_a_copied_module_runs_with_only_the_readme_line(
-    copy_python: Path, database_url: URL, backend: str, module: str, tmp_path: Path
+    copy_python: Path, database_url: URL, engine, backend: str, module: str, tmp_path: Path
 ) -> None:
+    # ``engine`` for its cleanup: the rows the smoke script leaves are deleted afterwards.
     project = tmp_path / "project"
     package = project / "myapp"  # another name: the copy must not need "asyncpatterns"
     package.mkdir(parents=True)
