@@ -73,6 +73,7 @@ from .models import (
     UserCreate,
     UserRead,
     UserUpdate,
+    checked_name,
 )
 from .relationships import TeamNameTakenError, create_team, get_team_with_members
 from .transactions import (
@@ -104,6 +105,11 @@ class TeamCreate(SQLModel):
 
     name: str = Field(min_length=1, max_length=100, schema_extra={"pattern": TEXT_PATTERN})
 
+    @field_validator("name")
+    @classmethod
+    def _canonical_name(cls, name: str) -> str:
+        return checked_name(name)
+
 
 class TeamRead(SQLModel):
     id: int
@@ -118,10 +124,16 @@ class AccountCreate(SQLModel):
     owner: str = Field(min_length=1, max_length=100, schema_extra={"pattern": TEXT_PATTERN})
     balance: Decimal = Field(ge=0, max_digits=15, decimal_places=2)
 
+    @field_validator("owner")
+    @classmethod
+    def _canonical_owner(cls, owner: str) -> str:
+        return checked_name(owner)
+
     @field_validator("balance")
     @classmethod
     def _whole_cents(cls, balance: Decimal) -> Decimal:
-        return balance.quantize(CENT)  # 0.1 -> 0.10, as it will be stored
+        # 0.1 -> 0.10, as it will be stored; and -0 is 0 (the database has one zero)
+        return balance.quantize(CENT) or Decimal("0.00")
 
 
 class AccountRead(SQLModel):
@@ -303,7 +315,7 @@ async def request_validation_failed(request: Request, exc: RequestValidationErro
     """FastAPI's 422, safe for any input it echoes: NaN and Infinity (Python's
     JSON parser accepts them) and lone surrogates ("\\ud800") cannot be encoded
     as JSON text, so echoing them as they are would turn the 422 into a 500."""
-    encoders = {float: _finite_or_text, str: _valid_text}
+    encoders = {float: _finite_or_text, str: _valid_text, bytes: _bytes_as_text}
     return JSONResponse(
         status_code=422, content={"detail": jsonable_encoder(exc.errors(), custom_encoder=encoders)}
     )
@@ -311,6 +323,11 @@ async def request_validation_failed(request: Request, exc: RequestValidationErro
 
 def _finite_or_text(number: float) -> float | str:
     return number if math.isfinite(number) else str(number)
+
+
+def _bytes_as_text(raw: bytes) -> str:
+    # A body that was not UTF-8 (and not declared JSON) is echoed as the text it spells.
+    return raw.decode("utf-8", "replace")
 
 
 def _valid_text(text: str) -> str:

@@ -17,6 +17,7 @@
   reuses the id of a deleted row (``AUTOINCREMENT``), like the servers.
 """
 
+import re
 import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -55,6 +56,30 @@ def canonical_email(email: str) -> str:
     length of the result, not of the input.
     """
     return canonical_text(email.strip().lower())
+
+
+def checked_name(name: str, max_length: int = 100) -> str:
+    """A name as it will be stored (``canonical_text``), checked after the change:
+    not blank, and at most ``max_length`` characters once normalized (NFC can
+    lengthen text: "\u0958" becomes two characters)."""
+    name = canonical_text(name)
+    if not name:
+        raise ValueError("may not be blank")
+    if len(name) > max_length:
+        raise ValueError(f"at most {max_length} characters once normalized")
+    return name
+
+
+def checked_email(email: str) -> str:
+    """An email as it will be stored (``canonical_email``), checked after the change:
+    still email-shaped (trimming can remove a whole part: "\x1c@example.com"),
+    and at most 255 characters once lower-cased."""
+    email = canonical_email(email)
+    if not re.fullmatch(EMAIL_PATTERN, email):
+        raise ValueError("not an email address once trimmed")
+    if len(email) > EMAIL_LENGTH:
+        raise ValueError(f"at most {EMAIL_LENGTH} characters once lower-cased")
+    return email
 
 
 class ExactText(TypeDecorator[str]):
@@ -240,22 +265,12 @@ class _StrictInput(SQLModel):
     @field_validator("email", check_fields=False)
     @classmethod
     def _canonical_email(cls, email: str | None) -> str | None:
-        if email is None:
-            return None
-        email = canonical_email(email)
-        if len(email) > EMAIL_LENGTH:
-            raise ValueError(f"at most {EMAIL_LENGTH} characters once lower-cased")
-        return email
+        return None if email is None else checked_email(email)
 
     @field_validator("name", check_fields=False)
     @classmethod
-    def _trimmed_name(cls, name: str | None) -> str | None:
-        if name is None:
-            return None
-        name = canonical_text(name)
-        if not name:
-            raise ValueError("may not be blank")
-        return name
+    def _canonical_name(cls, name: str | None) -> str | None:
+        return None if name is None else checked_name(name)
 
 
 class UserCreate(_StrictInput, UserBase):

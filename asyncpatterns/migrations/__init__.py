@@ -82,6 +82,10 @@ _DIALECTS = {
 }
 
 
+class SchemaOutOfDateError(RuntimeError):
+    """The database is not at the revision the code needs."""
+
+
 class MigrationLockTimeout(TimeoutError):
     """Another migration held the database's migration lock for longer than the wait."""
 
@@ -111,6 +115,21 @@ async def downgrade(
 async def current(url: str | URL | None = None) -> str | None:
     """The revision the database is at; ``None`` for a database never migrated."""
     return await _on_connection(url, MIGRATION_LOCK_WAIT, _current_revision)
+
+
+async def require_head(url: str | URL | None = None) -> None:
+    """Raise ``SchemaOutOfDateError`` unless the database is at the newest revision.
+
+    For an app's start-up (the FastAPI lifespan): refuse to serve on a schema the code
+    does not match, and say what to run, instead of failing on the first INSERT.
+    """
+    found, wanted = await current(url), head()
+    if found != wanted:
+        at = f"revision {found}" if found else "no revision"
+        raise SchemaOutOfDateError(
+            f"the database is at {at}, the code needs revision {wanted}: "
+            "run `python -m asyncpatterns.migrations upgrade head` first"
+        )
 
 
 def head() -> str:

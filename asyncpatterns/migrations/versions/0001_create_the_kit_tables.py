@@ -1,7 +1,7 @@
-"""Create the kit's tables: the schema ``create_all`` made before migrations existed.
+"""Create the kit's tables
 
-A database created with ``create_all`` from these models is at this revision: mark it
-so (``stamp 0001``) instead of running it.
+The schema ``create_all`` made from the models before migrations existed. A database
+created that way is at this revision: mark it so (``stamp 0001``) instead of running it.
 
 Revision ID: 0001
 Revises:

@@ -1,4 +1,6 @@
-"""Accounts get ``is_verified``: new accounts start unverified, existing ones are verified.
+"""Add account.is_verified, backfilled
+
+New accounts start unverified; the accounts that exist are verified.
 
 A NOT NULL column added to a table that has rows needs a server default: the rows
 that exist get it, and so does an INSERT from the code still running during the
