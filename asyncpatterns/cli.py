@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=SCENARIOS, help="only this one; repeatable"
     )
     bench_parser.add_argument("--repeats", type=int, help="timed runs (default 5, quick 3)")
+    bench_parser.add_argument(
+        "--rows", type=int, help="users bulk_insert inserts (default 10,000; quick 100)"
+    )
     serve_parser = commands.add_parser("serve", help="serve the FastAPI app with uvicorn")
     serve_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
     serve_parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
@@ -275,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tour":
             return _run(tour(args.url))
         if args.command == "bench":
-            return bench_command(args.url, args.quick, args.json, args.only, args.repeats)
+            return bench_command(
+                args.url, args.quick, args.json, args.only, args.repeats, args.rows
+            )
         if args.command == "serve":
             return serve(args.url, args.host, args.port)
         if args.command == "notebooks":

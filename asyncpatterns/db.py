@@ -327,7 +327,7 @@ async def _reload(session: AsyncSession, loaded: list[tuple[Any, list[str]]]) ->
     ids = [sa_inspect(instance).identity[0] for instance, _ in loaded]
     for start in range(0, len(ids), 1000):
         chunk = ids[start : start + 1000]
-        await session.execute(select(mapper).where(mapper.primary_key[0].in_(chunk)))
+        await session.exec(select(mapper).where(mapper.primary_key[0].in_(chunk)))
 
 
 async def _in_savepoint(session: AsyncSession, work: Callable[[AsyncSession], Awaitable[T]]) -> T:

@@ -30,12 +30,13 @@ async def count_rows(engine, model) -> int:
 
 async def test_bulk_insert_counts_statements_per_variant(engine, backend) -> None:
     results = by_variant(await bench.bulk_insert(engine, users=40, repeats=1))
-    sheet = results["sheet: add_all, commit, refresh each"]
+    common = results["common: add_all, commit, refresh each"]
     add_all = results["add_all + commit"]
-    # The sheet's pattern sends what add_all sends, plus one SELECT per user.
-    assert sheet.statements == add_all.statements + 40
+    # The common pattern sends what add_all sends, plus one SELECT per user.
+    assert common.statements == add_all.statements + 40
     assert results["kit: crud.create_users"].statements == 1  # one INSERT ... RETURNING
     assert results["raw driver: executemany"].statements == 1
+    assert results["Core: execute(insert(User), rows)"].kind == bench.OTHER
     assert results["raw driver: executemany"].kind == bench.RAW
     if backend == "postgresql":
         assert results["kit: crud.copy_users (COPY)"].statements == 1  # the COPY
@@ -44,9 +45,12 @@ async def test_bulk_insert_counts_statements_per_variant(engine, backend) -> Non
         assert not any("copy" in name for name in results)
     for result in results.values():
         assert len(result.runs) == 1
-        assert result.seconds > 0
+        assert result.seconds > 0 and result.peak_bytes > 0
         assert result.vs_raw is not None and result.speedup is not None
-    assert sheet.speedup == 1
+        assert result.notes.split()[1].startswith("rows/s")
+    assert common.speedup == 1
+    # the kit holds less than add_all's ORM bookkeeping, however small the batch
+    assert results["kit: crud.create_users"].peak_bytes < add_all.peak_bytes
     assert await count_rows(engine, User) == 0  # emptied after the scenario
 
 
@@ -67,12 +71,21 @@ async def test_pool_sweep_counts_every_query(database_url) -> None:
     assert results[-1].extra["vs_largest"] == 1
 
 
-async def test_sheet_transfer_moves_money_when_alone(engine) -> None:
-    await bench._reset_accounts(engine, accounts=2)
+async def test_bulk_insert_leaves_the_row_at_a_time_variants_out_above_the_limit(
+    engine, monkeypatch
+) -> None:
+    monkeypatch.setattr(bench.scenarios, "ROW_AT_A_TIME_LIMIT", 30)
+    results = by_variant(await bench.bulk_insert(engine, users=40, repeats=1))
+    assert "add_all + commit" not in results and "kit: crud.create_users" in results
+    assert all(r.speedup is None for r in results.values())  # no anti-pattern to compare
+
+
+async def test_common_transfer_moves_money_when_alone(engine) -> None:
+    await bench.reset_accounts(engine, accounts=2)
     async with make_session_maker(engine)() as session:
-        await bench.sheet_transfer_funds(session, 1, 2, Decimal("30.00"))
+        await bench.common_transfer_funds(session, 1, 2, Decimal("30.00"))
         with pytest.raises(ValueError, match="Insufficient funds"):
-            await bench.sheet_transfer_funds(session, 1, 2, Decimal("70.01"))
+            await bench.common_transfer_funds(session, 1, 2, Decimal("70.01"))
         balances = (await session.exec(select(Account.balance).order_by(Account.id))).all()
     assert balances == [Decimal("70.00"), Decimal("130.00")]
 
@@ -135,6 +148,7 @@ async def test_bench_command_quick_leaves_the_users_data_alone(
     scenarios = {r["scenario"] for r in report["results"]}
     assert scenarios == set(bench.SCENARIOS)
     assert all(len(r["runs"]) == bench.QUICK_REPEATS for r in report["results"])
+    assert all(r["peak_bytes"] > 0 for r in report["results"])
     async with make_session_maker(engine)() as session:
         assert [u.email for u in await crud.get_users(session)] == ["keep@example.com"]
 
@@ -143,6 +157,11 @@ def test_bench_command_rejects_an_unknown_scenario(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--only", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_command_refuses_fewer_than_one_row(capsys) -> None:
+    assert main(["bench", "--rows", "0"]) == 2
+    assert "rows must be at least 1" in capsys.readouterr().err
 
 
 def test_bench_command_refuses_fewer_than_one_run(capsys) -> None:

@@ -128,7 +128,7 @@ async def test_transfer_in_the_rolled_back_test_session(session) -> None:
 async def test_500_concurrent_transfers_never_lose_money(engine) -> None:
     accounts, expected = 10, START * 10
     rng = random.Random(11)
-    for _ in range(5):
+    for _ in range(3):
         await open_accounts(engine, accounts)
         plan = [
             (*rng.sample(range(1, accounts + 1), 2), Decimal(rng.randint(1, 4000)) / 100)

@@ -185,8 +185,13 @@ async def test_writers_work_with_expire_on_commit_sessions(engine) -> None:
         assert (user.name, user.email) == ("Ada", "ada@example.com")
         updated = await crud.update_user(session, user_id, {"name": "Ada L."})
         assert updated.name == "Ada L."
-        many = await crud.create_users(session, [User(name="B", email="b@example.com")])
-        assert many[0].id is not None and many[0].email == "b@example.com"
+        many = await crud.create_users(
+            session, [User(name="B", email="b@example.com"), User(name="C", email="c@x.io")]
+        )  # several objects: reloaded with one SELECT, not one each
+        assert [(u.id is not None, u.email) for u in many] == [
+            (True, "b@example.com"),
+            (True, "c@x.io"),
+        ]
         team = await relationships.create_team(session, "T")
         team_id = team.id
         moved = await relationships.move_member(session, user_id, team_id)
@@ -194,9 +199,9 @@ async def test_writers_work_with_expire_on_commit_sessions(engine) -> None:
         account = await transactions.open_account(session, "A", 5)
         assert account.balance == Decimal("5.00")
         crew = await relationships.create_team_with_members(
-            session, "Crew", [User(name="C", email="c@example.com")]
+            session, "Crew", [User(name="D", email="d@example.com")]
         )
-        assert [m.email for m in crew.members] == ["c@example.com"]
+        assert [m.email for m in crew.members] == ["d@example.com"]
 
 
 # -- SQLite: writers wait their turn, readers never wait ------------------------------

@@ -1,0 +1,85 @@
+"""Pattern vs anti-pattern vs raw driver: what the kit's patterns cost, measured.
+
+    python -m asyncpatterns bench [--url URL] [--quick] [--rows N] [--json FILE] [--only SCENARIO]
+
+Three parts, each readable on its own: ``scenarios`` (what is compared: the
+common pattern, the kit's, the raw driver), ``measure`` (how: interleaved
+rounds, statements counted, peak memory, median time), ``report`` (running it
+in a scratch database, the table, JSON and plot).
+
+A benchmark is not a test: nothing here asserts a timing. Your data is safe:
+``run_bench`` works in a database of its own. On a server it creates
+``asyncpatterns_bench_<random>`` and drops it at the end (the URL's user needs
+CREATE DATABASE); on SQLite it uses a scratch file in a temporary directory
+beside the given file, deleted at the end.
+"""
+
+from .measure import (
+    ANTI,
+    DEFAULT_REPEATS,
+    KIT,
+    OTHER,
+    QUICK_REPEATS,
+    RAW,
+    Result,
+    Variant,
+    add_ratios,
+    measure,
+)
+from .report import (
+    SCENARIOS,
+    Report,
+    bench_command,
+    format_report,
+    plot_results,
+    run_bench,
+    summary,
+)
+from .scenarios import (
+    FULL,
+    QUICK,
+    bulk_insert,
+    common_create_users,
+    common_transfer_funds,
+    eager_loading,
+    make_users,
+    pool_sweep,
+    raw_copy,
+    raw_executemany,
+    reset_accounts,
+    transfer_plan,
+    transfers,
+)
+
+__all__ = [
+    "ANTI",
+    "DEFAULT_REPEATS",
+    "FULL",
+    "KIT",
+    "OTHER",
+    "QUICK",
+    "QUICK_REPEATS",
+    "RAW",
+    "SCENARIOS",
+    "Report",
+    "Result",
+    "Variant",
+    "add_ratios",
+    "bench_command",
+    "bulk_insert",
+    "common_create_users",
+    "common_transfer_funds",
+    "eager_loading",
+    "format_report",
+    "make_users",
+    "measure",
+    "plot_results",
+    "pool_sweep",
+    "raw_copy",
+    "raw_executemany",
+    "reset_accounts",
+    "run_bench",
+    "summary",
+    "transfer_plan",
+    "transfers",
+]
