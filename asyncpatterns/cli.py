@@ -10,6 +10,10 @@ the tables when it is done.
 
 ``notebooks`` re-executes the notebooks on a scratch SQLite file and stores
 their outputs, the baseline nbval compares against.
+
+``migrate`` is Alembic's command line on the kit's migrations (``migrate upgrade
+head``, ``migrate --url URL current``, ``migrate revision --autogenerate -m ...``),
+the same as ``python -m asyncpatterns.migrations``.
 """
 
 import argparse
@@ -36,6 +40,7 @@ from .db import (
     drop_db_and_tables,
     make_engine,
     make_session_maker,
+    throwaway_database,
 )
 from .models import Account, User
 from .sqlwatch import watch_sql
@@ -181,12 +186,31 @@ async def _tour_api(engine: AsyncEngine) -> list[str]:
     ]
 
 
+async def _tour_migrations(engine: AsyncEngine) -> list[str]:
+    from . import migrations  # here: Alembic is imported only when used
+
+    try:
+        async with throwaway_database(engine.url, "asyncpatterns_tour") as url:
+            applied = await migrations.upgrade(url)
+            differences = await migrations.check(url)
+            undone = await migrations.downgrade(url, "base")
+    except ConfigurationError as exc:  # a server user without CREATE DATABASE
+        return [f"skipped: migrations run in a scratch database ({exc})"]
+    agree = "agree" if not differences else f"differ: {len(differences)} changes lack a revision"
+    return [
+        f"upgrade head on an empty database: applied {', '.join(applied)}",
+        f"models and migrations {agree}",
+        f"downgrade base: undid {', '.join(undone)}, no kit table left",
+    ]
+
+
 TOUR_STEPS: list[tuple[str, TourStep]] = [
     ("CRUD", _tour_crud),
     ("Pooling", _tour_pooling),
     ("Relationships", _tour_relationships),
     ("Transactions", _tour_transactions),
     ("FastAPI", _tour_api),
+    ("Migrations", _tour_migrations),
 ]
 
 
@@ -273,7 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         "notebooks", help="re-execute notebooks on scratch SQLite and store their outputs"
     )
     notebooks_parser.add_argument("paths", nargs="*", help="default: notebooks/*.ipynb")
-    args = parser.parse_args(argv)
+    commands.add_parser(
+        "migrate",
+        help="schema migrations: upgrade head, downgrade base, current, check, revision ...",
+        add_help=False,  # --help goes to the migrations' own command line
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "migrate":
+        from .migrations import main as migrate  # Alembic's command line, on the kit's migrations
+
+        return migrate(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "tour":
             return _run(tour(args.url))

@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -92,13 +93,15 @@ async def create_users(session: AsyncSession, users: Sequence[User]) -> list[Use
     if not users:
         return []
     for user in users:
-        user.email = canonical_email(user.email)  # what the column type stores
+        email = canonical_email(user.email)  # what the column type stores
+        if email != user.email:
+            user.email = email
     rows = [(user.name, user.email, user.is_active, user.team_id) for user in users]
 
     async def insert_all(tx: AsyncSession) -> list[User]:
         ids = await _insert_users(tx, rows)
         for user in users:
-            user.id = ids[user.email]
+            set_committed_value(user, "id", ids[user.email])  # no change event: it is stored
         attach_inserted(tx, users)  # persistent, without loading anything
         return list(users)
 

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any, Optional
 
 from pydantic import ConfigDict, field_validator
-from sqlalchemy import BigInteger, CheckConstraint, String, Text, event
+from sqlalchemy import BigInteger, CheckConstraint, String, Text, event, false
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.types import TypeDecorator
@@ -227,6 +227,9 @@ class Account(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     owner: str = Field(max_length=100)
     balance: Decimal = Field(default=Decimal("0.00"), sa_type=Money)
+    # New accounts start unverified. Accounts opened before this column existed were
+    # verified the old way: migration 0002 marks them verified.
+    is_verified: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class IdempotencyKey(SQLModel, table=True):

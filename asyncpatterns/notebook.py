@@ -39,8 +39,12 @@ def error_line(exc: BaseException) -> str:
 def regenerate(paths: Iterable[str | Path]) -> None:
     """Re-execute notebooks on a scratch SQLite file and store their outputs.
 
-    The stored outputs are nbval's baseline. Error tracebacks are cut to their
-    last line: nbval does not compare them, and they would record local paths.
+    The stored outputs are nbval's baseline, and what a reader sees before
+    running anything, so the same inputs must store the same notebook: no
+    execution timestamps, and a cell whose output truly varies (tagged
+    ``nbval-ignore-output``: a timing, a plot) keeps its stored output
+    unless its source changed. Error tracebacks are stored as IPython printed
+    them: short, in ``%xmode Minimal`` (each notebook's setup cell sets it).
     """
     import nbformat
     from nbclient import NotebookClient
@@ -50,10 +54,12 @@ def regenerate(paths: Iterable[str | Path]) -> None:
         for path in map(Path, paths):
             print(f"executing {path}")
             notebook = nbformat.read(path, as_version=4)
+            stored = {cell.source: cell.get("outputs") for cell in notebook.cells}
             resources = {"metadata": {"path": str(path.parent)}}
-            NotebookClient(notebook, timeout=600, resources=resources).execute(env=env)
+            client = NotebookClient(notebook, timeout=600, resources=resources, record_timing=False)
+            client.execute(env=env)
             for cell in notebook.cells:
-                for output in cell.get("outputs", []):
-                    if output.output_type == "error":
-                        output.traceback = [f"{output.ename}: {output.evalue}"]
+                tags = cell.get("metadata", {}).get("tags", [])
+                if "nbval-ignore-output" in tags and stored.get(cell.source) is not None:
+                    cell.outputs = stored[cell.source]
             nbformat.write(notebook, path)

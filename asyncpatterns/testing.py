@@ -17,6 +17,8 @@ MySQL/MariaDB when ``ASYNCPATTERNS_MYSQL_URL`` name a server (any database on
 it; the fixtures create a throw-away database there and drop it at the end).
 A backend listed in ``ASYNCPATTERNS_REQUIRE_BACKENDS`` (comma-separated) that
 is not configured or not reachable fails the tests instead of skipping them.
+``ASYNCPATTERNS_BACKENDS`` (comma-separated) runs only the backends it names:
+one pytest process per backend can then run side by side.
 
 Fixtures:
 
@@ -88,8 +90,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 def required_backends() -> set[str]:
-    names = os.environ.get("ASYNCPATTERNS_REQUIRE_BACKENDS", "")
-    return {name.strip() for name in names.split(",") if name.strip()}
+    return _names(os.environ.get("ASYNCPATTERNS_REQUIRE_BACKENDS", ""))
+
+
+def _names(text: str) -> set[str]:
+    return {name.strip() for name in text.split(",") if name.strip()}
 
 
 async def _create_schema(url: URL) -> None:
@@ -103,6 +108,9 @@ async def _create_schema(url: URL) -> None:
 @pytest.fixture(scope="session", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     name = request.param
+    selected = _names(os.environ.get("ASYNCPATTERNS_BACKENDS", ""))
+    if selected and name not in selected:
+        pytest.skip(f"{name}: not selected (ASYNCPATTERNS_BACKENDS)")
     variable = SERVER_URL_VARIABLES.get(name)
     if variable and not os.environ.get(variable):
         message = f"{name}: set {variable} to a server URL to test this backend"

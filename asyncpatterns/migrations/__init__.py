@@ -9,7 +9,10 @@ one the models describe, and back.
 ``await upgrade(url)`` brings a database to the newest revision (``head``),
 ``await downgrade(url, "base")`` removes the kit's tables, ``await check(url)`` lists
 what differs between a database and the models (``[]``: they agree), ``await
-current(url)`` is the revision a database is at. From a shell::
+current(url)`` is the revision a database is at, and ``await require_head(url)``, at an
+app's start-up instead of ``create_all``, refuses a database that is not at ``head``.
+The environment lives in the package, so an installed kit migrates without a checkout.
+From a shell::
 
     python -m asyncpatterns.migrations upgrade head          # or: --url URL upgrade head
     python -m asyncpatterns.migrations revision --autogenerate -m "what changed"
@@ -23,7 +26,7 @@ What the environment does that a copied ``alembic init -t async`` does not:
 * Two processes that migrate at once (two app replicas starting, a deploy retried)
   take turns: the second waits for the migration lock, then finds nothing left to do.
   Without it, both run the same ``CREATE TABLE``/``ALTER`` and one fails half-way
-  (or, on MySQL, both do part of the work).
+  (on MySQL, after committing part of its work).
 * A DDL statement waits at most ``LOCK_TIMEOUT`` for a table that the app is using,
   instead of queueing every query behind it (PostgreSQL) or waiting up to a year
   (MySQL's metadata lock wait).
@@ -144,8 +147,9 @@ async def check(url: str | URL | None = None) -> list[Any]:
     """What autogenerate finds different between the database and the models.
 
     ``[]`` means they agree, as far as autogenerate can see: it does not compare
-    collations, CHECK constraints, table options (charset, SQLite's AUTOINCREMENT)
-    or what a type stores on each backend. ``tests/test_migrations.py`` checks those.
+    collations (a ``TypeDecorator`` is compared by its ``impl`` only), CHECK
+    constraints or table options (charset, SQLite's AUTOINCREMENT).
+    ``tests/test_migrations.py`` checks those directly.
     """
     return await _on_connection(url, MIGRATION_LOCK_WAIT, _differences)
 
@@ -449,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     for name in ("alembic", __name__):
         logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # setup chatter
     try:
         cli.run_cmd(config, options)
     except (ConfigurationError, DatabaseUnavailableError, MigrationLockTimeout) as exc:
