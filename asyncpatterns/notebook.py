@@ -4,8 +4,10 @@ Outputs are compared by nbval, so everything here prints deterministically:
 columns in model-field order, no memory addresses, no timings.
 """
 
+import configparser
 import inspect
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,8 +60,38 @@ def regenerate(paths: Iterable[str | Path]) -> None:
             resources = {"metadata": {"path": str(path.parent)}}
             client = NotebookClient(notebook, timeout=600, resources=resources, record_timing=False)
             client.execute(env=env)
+            volatile = _volatile_patterns(path.parent / "sanitize.cfg")
             for cell in notebook.cells:
                 tags = cell.get("metadata", {}).get("tags", [])
                 if "nbval-ignore-output" in tags and stored.get(cell.source) is not None:
                     cell.outputs = stored[cell.source]
+                for output in cell.get("outputs", []):
+                    _mask(output, volatile)
             nbformat.write(notebook, path)
+
+
+def _volatile_patterns(config_path: Path) -> list[tuple[re.Pattern[str], str]]:
+    """The sanitize rules for what changes from run to run (memory addresses, object
+    ids): stored masked, so that regenerating an unchanged notebook changes nothing."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(config_path)
+    return [
+        (re.compile(config[name]["regex"]), config[name]["replace"])
+        for name in config.sections()
+        if name.startswith("volatile:")
+    ]
+
+
+def _mask(output: Any, patterns: list[tuple[re.Pattern[str], str]]) -> None:
+    def masked(text: str) -> str:
+        for pattern, replacement in patterns:
+            text = pattern.sub(replacement, text)
+        return text
+
+    if "text" in output:
+        output["text"] = masked(output["text"])
+    if output.get("output_type") == "error":
+        output["evalue"] = masked(output["evalue"])
+        output["traceback"] = [masked(line) for line in output["traceback"]]
+    if "text/plain" in output.get("data", {}):
+        output["data"]["text/plain"] = masked(output["data"]["text/plain"])
