@@ -5,7 +5,7 @@ disposes the engine, the engine and session maker live on ``app.state``, and
 ``get_session`` hands each request its own session. ``uvicorn
 asyncpatterns.api:app`` serves the module-level ``app`` (``$DATABASE_URL``).
 
-What the pattern sheet's app got wrong, and this fixes:
+What the common pattern's app got wrong, and this fixes:
 
 * httpx's ``ASGITransport`` does not run the lifespan, so a test that does
   not start it meets "no such table" on the first request.

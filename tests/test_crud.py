@@ -174,9 +174,9 @@ async def test_update_unknown_user_is_none(session) -> None:
 @pytest.mark.parametrize(
     ("data", "field"),
     [
-        ({"id": 777}, "id"),  # read-only: the sheet rewrote the primary key
+        ({"id": 777}, "id"),  # read-only: the common update rewrote the primary key
         ({"password": "x"}, "password"),  # unknown field
-        ({"name": 123}, "name"),  # the sheet stored '123'
+        ({"name": 123}, "name"),  # the common update stored '123'
         ({"is_active": "no"}, "is_active"),
         ({"name": None}, "name"),  # required field set to null
         ({"email": "not-an-email"}, "email"),

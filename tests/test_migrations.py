@@ -201,6 +201,17 @@ async def test_check_sees_a_model_change_that_has_no_revision(new_database: NewD
     ]
 
 
+async def test_an_app_refuses_to_start_on_an_old_schema(new_database: NewDatabase) -> None:
+    url = await new_database()
+    with pytest.raises(migrations.SchemaOutOfDateError, match="at no revision.*upgrade head"):
+        await migrations.require_head(url)
+    await migrations.upgrade(url, REVISIONS[0])
+    with pytest.raises(migrations.SchemaOutOfDateError, match=f"at revision {REVISIONS[0]}"):
+        await migrations.require_head(url)
+    await migrations.upgrade(url)
+    await migrations.require_head(url)  # at head: nothing to say
+
+
 async def test_autogenerate_writes_what_the_kit_types_store(new_database: NewDatabase) -> None:
     def generate(connection: Connection) -> str:
         context = MigrationContext.configure(connection, opts=migrations.context_options())

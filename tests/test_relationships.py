@@ -115,7 +115,7 @@ async def test_an_unloaded_relationship_raises_at_once(engine) -> None:
 async def test_an_implicit_lazy_load_is_missing_greenlet(engine) -> None:
     await add_teams(engine, 1, 2)
     async with make_session_maker(engine)() as session:
-        statement = select(Team).options(lazyload(Team.members))  # the sheet's default
+        statement = select(Team).options(lazyload(Team.members))  # the common pattern's default
         team = (await session.exec(statement)).one()
         with pytest.raises((MissingGreenlet, StatementError)) as caught:
             _ = team.members

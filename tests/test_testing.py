@@ -47,8 +47,8 @@ async def test_4_the_next_request_sees_nothing(client):
     assert (await client.get("/users/")).json() == []
 """
 
-# The pattern sheet's fixture and test, as written (AUDIT #14).
-SHEET_TESTS = """
+# The common pattern's fixture and test, as written.
+COMMON_TESTS = """
 import pytest
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -101,10 +101,10 @@ def test_committed_work_is_rolled_back_between_tests(pytester: pytest.Pytester) 
         assert passed == 4 * configured_backends()
 
 
-def test_sheet_fixture_errors_in_strict_mode_and_passes_with_the_kits_settings(
+def test_common_fixture_errors_in_strict_mode_and_passes_with_the_kits_settings(
     pytester: pytest.Pytester,
 ) -> None:
-    pytester.makepyfile(test_sheet=SHEET_TESTS)
+    pytester.makepyfile(test_common=COMMON_TESTS)
     pytester.makeini("[pytest]\nasyncio_mode = strict\n")
     strict = pytester.runpytest_subprocess(*PLUGINS)
     strict.assert_outcomes(errors=1)

@@ -102,7 +102,7 @@ async def test_insufficient_funds_raise_and_change_nothing(engine, from_id, to_i
 
 
 async def test_transfer_works_on_a_session_that_already_ran_a_query(engine) -> None:
-    # AUDIT #10: the sheet's session.begin() raised "A transaction is already begun".
+    # The common transfer's session.begin() raised "A transaction is already begun".
     await open_accounts(engine, 2)
     async with make_session_maker(engine)() as session:
         await session.exec(select(Account).where(Account.id == 1))
