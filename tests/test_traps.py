@@ -56,3 +56,20 @@ def test_each_trap_is_live_in_a_notebook_section_and_guarded(row: list[str]) -> 
         assert file, f"{trap}: {test} names no file"
         source = (ROOT / "tests" / file).read_text()
         assert re.search(rf"def {test}\b", source), f"{trap}: no {test} in tests/{file}"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=str)
+def test_a_trap_cell_shows_a_short_error(notebook: Path) -> None:
+    """What JupyterLab prints for a trap: the stored traceback is the kernel's own
+    (``%xmode Minimal`` in the first cell; regenerating keeps it), at most 15 lines."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    assert "%xmode Minimal" in next(c.source for c in cells if c.cell_type == "code")
+    for cell in cells:
+        errors = [o for o in cell.get("outputs", []) if o.output_type == "error"]
+        assert bool(errors) == ("raises-exception" in cell.metadata.get("tags", [])), cell.source
+        for error in errors:
+            lines = ANSI.sub("", "\n".join(error.traceback)).splitlines()
+            assert 1 <= len(lines) <= 15, (cell.source, lines)
