@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Annotated, Any
 
+import anyio
 from fastapi import (
     APIRouter,
     Depends,
@@ -35,11 +36,12 @@ from fastapi import (
     Path,
     Query,
     Request,
+    Response,
     status,
 )
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Strict, field_validator, model_validator
 from sqlalchemy.engine import URL
@@ -50,7 +52,7 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import crud
+from . import crud, locking, streaming
 from .config import DatabaseUnavailableError
 from .db import (
     LOCK_TIMEOUT,
@@ -82,6 +84,7 @@ from .transactions import (
     move_money,
     open_account,
 )
+from .upserts import get_or_create_team
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +185,14 @@ def create_app(
     *,
     pool_timeout: float = POOL_TIMEOUT,
     lock_timeout: float = LOCK_TIMEOUT,
+    require_if_match: bool = False,
 ) -> FastAPI:
     """The app on ``url`` (default: ``$DATABASE_URL``, then the embedded SQLite file).
 
     Overload is a 503 + Retry-After, not a long wait then a 500:
     ``pool_timeout`` is how long a request waits for a pooled connection,
     ``lock_timeout`` how long a statement waits for a locked row (seconds).
+    ``require_if_match``: a PATCH without If-Match is 428, not last-write-wins.
     """
     # FastAPIOffline: FastAPI, with /docs and /redoc served from the installed
     # package instead of a CDN, so the docs work without internet access.
@@ -199,6 +204,7 @@ def create_app(
     )
     app.state.engine = make_engine(url, pool_timeout=pool_timeout, lock_timeout=lock_timeout)
     app.state.session_maker = make_session_maker(app.state.engine)
+    app.state.require_if_match = require_if_match
     app.add_exception_handler(DatabaseUnavailableError, database_unavailable)
     app.add_exception_handler(PoolTimeoutError, database_unavailable)
     app.add_exception_handler(DBAPIError, database_error)
@@ -341,6 +347,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "Conflicts with stored data (e.g. email already registered), or a non-UTF-8 body",
         404: "Not found",
         409: "Refused by a business rule (e.g. insufficient funds)",
+        412: "If-Match names no current version: someone else changed it; GET it again",
+        428: "This server requires If-Match on writes: send the ETag you read",
     }
     return {code: {"model": ErrorMessage, "description": descriptions[code]} for code in codes}
 
@@ -372,11 +380,95 @@ async def create_user_endpoint(user: UserCreate, session: SessionDep) -> UserRea
     return UserRead.model_validate(created)
 
 
+# -- Export: the user table as CSV, streamed (before /users/{user_id}, which would take it)
+
+
+class StreamingWithCleanup(StreamingResponse):
+    """A ``StreamingResponse`` that closes its body iterator however the answer ends.
+
+    Starlette stops iterating when the client goes away, but leaves the generator
+    suspended: its ``finally`` (closing the cursor and the session) would wait for
+    the garbage collector, and the pooled connection with it.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)  # an async generator's
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
+
+
+@router.get(
+    "/users/export.csv",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+            "description": "Every user, in id order: id,name,email,is_active,team_id",
+        }
+    },
+    tags=["users"],
+)
+async def export_users_endpoint(request: Request) -> StreamingResponse:
+    """Every user as CSV (RFC 4180, UTF-8), streamed 1,000 rows at a time: constant memory
+    however large the table. Cells a spreadsheet would run as a formula get a leading
+    ``'``. An export that fails midway is cut off without HTTP's end of message, which
+    clients report as an error: never a shorter CSV that looks complete."""
+    # Its own session, not SessionDep: FastAPI 0.106 to 0.117 closes a yield dependency
+    # before the body is sent. The query runs before the answer starts, so an unreachable
+    # database or a full pool is still a 503.
+    session = request.app.state.session_maker()
+    chunks = streaming.export_users_csv(session)
+    try:
+        first = await anext(chunks)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()
+            await session.close()
+        raise
+    return StreamingWithCleanup(
+        _export_body(request, session, first, chunks),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="users.csv"'},
+    )
+
+
+class ExportCutOff(RuntimeError):
+    """An export failed after its answer had started: the server drops the connection
+    (no handler may turn it into an answer: the status is already sent)."""
+
+
+async def _export_body(
+    request: Request, session: AsyncSession, first: str, chunks: AsyncIterator[str]
+) -> AsyncIterator[str]:
+    where = f"{request.method} {request.url.path}"
+    try:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:  # the status is sent: only cutting the body off can tell
+        error_id = uuid.uuid4().hex[:12]
+        logger.error("%s: export cut off, error %s", where, error_id, exc_info=exc)
+        raise ExportCutOff(f"export cut off after the answer started, error {error_id}") from exc
+    finally:
+        with anyio.CancelScope(shield=True):  # also when the client went away
+            await chunks.aclose()  # type: ignore[attr-defined]
+            try:
+                await session.close()
+            except Exception as exc:
+                logger.warning("%s: closing the session failed: %s", where, exc)
+
+
 @router.get("/users/{user_id}", responses=_errors(404), tags=["users"])
-async def read_user_endpoint(user_id: UserId, session: SessionDep) -> UserRead:
+async def read_user_endpoint(user_id: UserId, session: SessionDep, response: Response) -> UserRead:
+    """The user, with its version as a strong ``ETag``: send it back in ``If-Match``."""
     user = await crud.get_user(session, user_id)
     if user is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, USER_NOT_FOUND)
+    response.headers["ETag"] = locking.etag(user)
     return UserRead.model_validate(user)
 
 
@@ -389,19 +481,50 @@ async def read_users_endpoint(
     return [UserRead.model_validate(user) for user in users]
 
 
-@router.patch("/users/{user_id}", responses=_errors(400, 404), tags=["users"])
+IfMatchHeader = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description='The ETag of GET /users/{user_id}, e.g. "user-5-v3" (quotes included), or *: '
+        "the change is made only if nobody changed the user since (else 412).",
+    ),
+]
+
+
+@router.patch("/users/{user_id}", responses=_errors(400, 404, 412, 428), tags=["users"])
 async def update_user_endpoint(
-    user_id: UserId, changes: UserUpdate, session: SessionDep
+    user_id: UserId,
+    changes: UserUpdate,
+    session: SessionDep,
+    request: Request,
+    response: Response,
+    if_match: IfMatchHeader = None,
 ) -> UserRead:
-    """Change the fields sent; omitted fields stay. ``null`` is only allowed for team_id."""
+    """Change the fields sent; omitted fields stay. ``null`` is only allowed for team_id.
+
+    With ``If-Match`` (optimistic locking): only over the version it names, else
+    412 and nothing changes. Without: the last write wins (428 if the app
+    requires If-Match). The answer's ``ETag`` names the new version.
+    """
+    if if_match is not None:  # several If-Match lines are one list (RFC 9110, 5.3)
+        if_match = ", ".join(request.headers.getlist("if-match"))
     try:
-        user = await crud.update_user(session, user_id, changes)
+        user = await locking.update_user_if_match(
+            session, user_id, changes, if_match, required=request.app.state.require_if_match
+        )
+    except locking.InvalidIfMatchError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    except locking.PreconditionRequiredError as exc:
+        raise HTTPException(status.HTTP_428_PRECONDITION_REQUIRED, str(exc)) from None
+    except crud.VersionConflictError as exc:
+        raise HTTPException(status.HTTP_412_PRECONDITION_FAILED, str(exc)) from None
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
     except LookupError as exc:  # the team_id has no team
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     if user is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, USER_NOT_FOUND)
+    response.headers["ETag"] = locking.etag(user)
     return UserRead.model_validate(user)
 
 
@@ -423,6 +546,17 @@ async def create_team_endpoint(team: TeamCreate, session: SessionDep) -> TeamRea
     except TeamNameTakenError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Team name already taken") from None
     return TeamRead(id=created.id, name=created.name, members=[])
+
+
+@router.post("/teams/get-or-create", responses=_errors(400), tags=["teams"])
+async def get_or_create_team_endpoint(team: TeamCreate, session: SessionDep) -> TeamRead:
+    """The team with this name, created if there is none: 200 either way, and the
+    same team for every request, however many race (``upserts.get_or_create_team``)."""
+    got = await get_or_create_team(session, team.name)
+    loaded = await get_team_with_members(session, got.id)
+    if loaded is None:  # deleted since: it was there, with no members we can list
+        return TeamRead(id=got.id, name=got.name, members=[])
+    return TeamRead.model_validate(loaded)
 
 
 @router.get("/teams/{team_id}", responses=_errors(404), tags=["teams"])

@@ -1,4 +1,4 @@
-"""``python -m asyncpatterns tour | bench | serve | notebooks``.
+"""``python -m asyncpatterns tour | bench | serve | notebooks | site``.
 
 ``tour`` runs every pattern once against the embedded SQLite file (or
 ``--url`` / ``$DATABASE_URL``) and prints a short report. It creates the kit's
@@ -11,6 +11,9 @@ the tables when it is done.
 ``notebooks`` re-executes the notebooks on a scratch SQLite file and stores
 their outputs, the baseline nbval compares against.
 
+``site`` renders the notebooks, with their committed outputs, as a static site in
+``docs/_build/html`` (Sphinx and myst-nb, from the ``[docs]`` extra; see ``site.py``).
+
 ``migrate`` is Alembic's command line on the kit's migrations (``migrate upgrade
 head``, ``migrate --url URL current``, ``migrate revision --autogenerate -m ...``),
 the same as ``python -m asyncpatterns.migrations``.
@@ -21,6 +24,7 @@ import asyncio
 import random
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -32,7 +36,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 
-from . import crud, pooling, relationships, transactions
+from . import crud, pooling, relationships, streaming, transactions
 from .bench import SCENARIOS, bench_command
 from .config import ConfigurationError, DatabaseUnavailableError, mask_password
 from .db import (
@@ -148,15 +152,20 @@ async def _tour_transactions(engine: AsyncEngine) -> list[str]:
     outcomes = await asyncio.gather(*(transfer(*step) for step in plan))
     async with session_maker() as session:
         balances = list((await session.exec(select(Account.balance))).all())
-        saved = await transactions.complex_operation(
-            session, User(name="Tour", email="tour.savepoint@example.com"), "Tour team 0"
-        )
+        user = User(name="Tour", email="tour.savepoint@example.com")
+        first = await transactions.complex_operation(session, user, "first profile")
+        # The same user again: the profile's INSERT fails (one per user), in its savepoint.
+        second = await transactions.complex_operation(session, user, "second profile")
     return [
         f"200 concurrent transfers: {outcomes.count('done')} done, "
         f"{outcomes.count('refused')} refused (insufficient funds)",
         f"total {sum(balances)} (was 1000.00), lowest balance {min(balances)}",
-        "complex_operation with a taken team name: "
-        + ("team created (bug)" if saved else "user committed, team savepoint rolled back"),
+        "complex_operation twice for one user: "
+        + (
+            "profile stored, then the second profile's savepoint rolled back alone"
+            if first and not second
+            else f"stored {first}, then {second} (bug)"
+        ),
     ]
 
 
@@ -204,6 +213,89 @@ async def _tour_migrations(engine: AsyncEngine) -> list[str]:
     ]
 
 
+async def _tour_upserts(engine: AsyncEngine) -> list[str]:
+    from . import upserts  # here: the step's only user of the module
+
+    session_maker = make_session_maker(engine)
+
+    async def ask() -> int | None:
+        async with session_maker() as session:
+            return (await upserts.get_or_create_team(session, " Tour upserts ")).id
+
+    team_ids = await asyncio.gather(*(ask() for _ in range(20)))
+    async with session_maker() as session:
+        half = [User(name=f"Old {i}", email=f"upsert{i}@example.com") for i in range(0, 1000, 2)]
+        await upserts.upsert_users(session, half)
+        users = [User(name=f"New {i}", email=f"UPSERT{i}@example.com") for i in range(1000)]
+        with watch_sql(engine) as sql:
+            stored = await upserts.upsert_users(session, users)
+    updated = sum(user.version > 1 for user in stored)
+    return [
+        f"20 racing get_or_create_team calls for one name: {len(set(team_ids))} team, no error",
+        f"upsert_users of 1000 users, 500 stored already: {updated} updated, "
+        f"{len(stored) - updated} inserted, in {sql.count} statement(s)",
+    ]
+
+
+async def _tour_streaming(engine: AsyncEngine) -> list[str]:
+    session_maker = make_session_maker(engine)
+    async with session_maker() as session:
+        more = [User(name=f"Stream {i}", email=f"stream{i}@example.com") for i in range(5000)]
+        await crud.create_users(session, more)
+    async with session_maker() as session:
+        total = await crud.count_users(session)
+        streamed = 0
+        with watch_sql(engine) as sql:
+            async with streaming.stream_users(session, chunk_size=500) as users:
+                async for _user in users:
+                    streamed += 1
+        size = 0
+        async with aclosing(streaming.export_users_csv(session)) as chunks:
+            async for text in chunks:
+                size += len(text.encode())
+        try:
+            async with streaming.stream_users(session, chunk_size=500) as users:
+                async for _user in users:
+                    await session.commit()  # ends the stream's transaction
+            cut = "no error (bug)"
+        except streaming.StreamClosedError:
+            cut = "StreamClosedError, not a shorter result"
+    return [
+        f"stream_users: {streamed} of {total} users, 500 at a time, in {sql.count} statement(s)",
+        f"export_users_csv: {size:,} bytes of CSV, one chunk of rows at a time",
+        f"a commit mid-stream: {cut}",
+    ]
+
+
+async def _tour_locking(engine: AsyncEngine) -> list[str]:
+    from .api import create_app  # here: importing api builds its module-level app
+
+    app = create_app(engine.url)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://tour") as client,
+    ):
+        body = {"name": "Lock", "email": "tour.locking@example.com"}
+        url = f"/users/{(await client.post('/users/', json=body)).json()['id']}"
+        etag = (await client.get(url)).headers["ETag"]
+        racing = await asyncio.gather(
+            *(
+                client.patch(url, json={"name": f"Writer {i}"}, headers={"If-Match": etag})
+                for i in range(10)
+            )
+        )
+        stored = (await client.get(url)).json()
+    statuses = [r.status_code for r in racing]
+    winner = next(r.json()["name"] for r in racing if r.status_code == 200)
+    return [
+        f"GET gives ETag {etag}; 10 racing PATCHes with If-Match {etag}: "
+        f"{statuses.count(200)} applied (200), {statuses.count(412)} refused (412)",
+        f"stored: {stored['name']!r}, version {stored['version']} "
+        f"({'the winner' if stored['name'] == winner else 'NOT the winner (bug)'})",
+    ]
+
+
 TOUR_STEPS: list[tuple[str, TourStep]] = [
     ("CRUD", _tour_crud),
     ("Pooling", _tour_pooling),
@@ -211,6 +303,9 @@ TOUR_STEPS: list[tuple[str, TourStep]] = [
     ("Transactions", _tour_transactions),
     ("FastAPI", _tour_api),
     ("Migrations", _tour_migrations),
+    ("Upserts", _tour_upserts),
+    ("Streaming", _tour_streaming),
+    ("Optimistic locking", _tour_locking),
 ]
 
 
@@ -273,6 +368,14 @@ def _run(coroutine: Awaitable[int | None]) -> int | None:
     return asyncio.run(run())
 
 
+def _sizes(text: str) -> list[int]:
+    """``10000,100000`` (or ``10_000,100_000``) -> [10000, 100000]."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of row counts: {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m asyncpatterns")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument(
         "--rows", type=int, help="users bulk_insert inserts (default 10,000; quick 100)"
     )
+    bench_parser.add_argument(
+        "--stream-rows",
+        type=_sizes,
+        metavar="N,N,...",
+        help="table sizes streaming reads (default 10000,100000; e.g. 10000,100000,1000000)",
+    )
     serve_parser = commands.add_parser("serve", help="serve the FastAPI app with uvicorn")
     serve_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
     serve_parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
@@ -297,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         "notebooks", help="re-execute notebooks on scratch SQLite and store their outputs"
     )
     notebooks_parser.add_argument("paths", nargs="*", help="default: notebooks/*.ipynb")
+    site_parser = commands.add_parser(
+        "site", help="render the notebooks with their stored outputs as a static site"
+    )
+    site_parser.add_argument("--out", default="docs/_build/html", help="default: %(default)s")
     commands.add_parser(
         "migrate",
         help="schema migrations: upgrade head, downgrade base, current, check, revision ...",
@@ -314,7 +427,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run(tour(args.url))
         if args.command == "bench":
             return bench_command(
-                args.url, args.quick, args.json, args.only, args.repeats, args.rows
+                args.url,
+                args.quick,
+                args.json,
+                args.only,
+                args.repeats,
+                args.rows,
+                args.stream_rows,
             )
         if args.command == "serve":
             return serve(args.url, args.host, args.port)
@@ -322,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
             from .notebook import regenerate  # needs the [lab] extra
 
             regenerate(args.paths or sorted(Path("notebooks").glob("*.ipynb")))
+        if args.command == "site":
+            from .site import build  # needs the [docs] extra
+
+            return build(args.out)
     except (ConfigurationError, DatabaseUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

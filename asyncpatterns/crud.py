@@ -16,12 +16,16 @@ common pattern gets wrong, and this fixes:
   constraint the database names, not by a check-then-insert that races (nor
   by a re-read, which MySQL's snapshot would answer wrongly).
 * An update racing a delete of the same user is "not found", not a crash.
+* Two clients that read the same user and both write lost the first write
+  without a word. ``update_user(..., expected_version=n)`` writes only over
+  version ``n`` (optimistic locking: ``User.version``), else
+  ``VersionConflictError``. The bulk paths count the version too.
 * ``get_users`` had no order, no bound and took ``limit=-1``.
 * Lists of ids are sent in chunks: PostgreSQL's driver takes at most 32,767
   parameters per statement.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -42,6 +46,19 @@ from .models import EMAIL_LENGTH, User, UserUpdate, canonical_email
 
 MAX_PAGE_SIZE = 100
 CHUNK = 1000  # ids or rows per statement
+FIRST_VERSION = 1  # User.version of a new row: the ORM's default and the server's
+
+
+class VersionConflictError(Exception):
+    """The user changed since the version the caller read: its write was refused."""
+
+    def __init__(self, user_id: int, current: int, expected: Collection[int]) -> None:
+        sent = ", ".join(map(str, sorted(expected))) or "none"
+        super().__init__(
+            f"User {user_id} is at version {current}, not the version expected ({sent}): "
+            "someone else changed it. Read it again, re-apply the change, write again."
+        )
+        self.user_id, self.current, self.expected = user_id, current, frozenset(expected)
 
 
 class DuplicateEmailError(ValueError):
@@ -96,6 +113,9 @@ async def create_users(session: AsyncSession, users: Sequence[User]) -> list[Use
         email = canonical_email(user.email)  # what the column type stores
         if email != user.email:
             user.email = email
+        # The INSERT below does not name the version: the server default, 1, is
+        # stored. The objects must say so, or their first UPDATE matches no row.
+        set_committed_value(user, "version", FIRST_VERSION)
     rows = [(user.name, user.email, user.is_active, user.team_id) for user in users]
 
     async def insert_all(tx: AsyncSession) -> list[User]:
@@ -169,7 +189,8 @@ async def copy_users(session: AsyncSession, users: Sequence[User]) -> int:
     if session.get_bind().dialect.name != "postgresql":
         raise NotImplementedError("copy_users needs PostgreSQL; use create_users elsewhere")
     table = User.__table__
-    columns = [column.name for column in table.columns if column.name != "id"]
+    # The database numbers the rows and gives them their first version.
+    columns = [column.name for column in table.columns if column.name not in ("id", "version")]
     values = attrgetter(*columns)  # user -> (name, email, ...) as one tuple
     email_at = columns.index("email")
     records = []
@@ -218,32 +239,66 @@ async def update_user(
     session: AsyncSession,
     user_id: int,
     user_data: Mapping[str, Any] | UserUpdate,
+    expected_version: int | Collection[int] | None = None,
 ) -> User | None:
     """Apply the fields present in ``user_data``; None if there is no such user.
+
+    Without ``expected_version`` the last write wins: the row is locked, read
+    and written. With it (optimistic locking) the write happens only over that
+    version of the user (or one of those given), read without a lock: the
+    UPDATE says ``WHERE id = ? AND version = ?``, so a writer that got there
+    first makes it match nothing, and this raises ``VersionConflictError``.
+    A successful write counts the version up (unless nothing changed).
 
     Raises pydantic's ``ValidationError`` (a ValueError) for an unknown or
     read-only field, a null where a value is required, or a wrong type,
     ``DuplicateEmailError`` for another user's email, and ``LookupError`` for
     a team that does not exist. A user deleted while this runs is None, like
-    one that never existed.
+    one that never existed: "gone" is not "changed".
     """
     update = (
         user_data if isinstance(user_data, UserUpdate) else UserUpdate.model_validate(user_data)
     )
     changes = update.model_dump(exclude_unset=True)
+    if expected_version is None:
+        expected = None
+    else:
+        expected = frozenset(
+            [expected_version] if isinstance(expected_version, int) else expected_version
+        )
 
     async def apply(tx: AsyncSession) -> User | None:
-        # FOR UPDATE: a concurrent delete waits for us, or we see it already gone.
-        user = await tx.get(User, user_id, with_for_update=True, populate_existing=True)
-        if user is not None:
+        # Last write wins: FOR UPDATE, so a concurrent delete waits for us, or we
+        # see it already gone. Optimistic: no lock, the version guards the write.
+        user = await tx.get(User, user_id, with_for_update=expected is None, populate_existing=True)
+        if user is None:
+            return None
+        if expected is None:
             user.sqlmodel_update(changes)
-            await tx.flush()
+            await tx.flush()  # the row is locked: nobody changed or deleted it meanwhile
+            return user
+        if user.version not in expected:
+            raise VersionConflictError(user_id, user.version, expected)
+        try:
+            # A savepoint of its own, begun before the change (begin_nested flushes
+            # pending changes), so that the session can still read after a failure.
+            async with tx.begin_nested():
+                user.sqlmodel_update(changes)
+                await tx.flush()  # UPDATE ... SET version = n + 1 WHERE id = ? AND version = n
+        except StaleDataError:
+            # No row matched: deleted, or written since we read it. A locking read
+            # sees the latest committed row (a plain one on MySQL sees our snapshot).
+            now = select(User.version).where(User.id == user_id).with_for_update()
+            current = (await tx.exec(now)).first()
+            if current is None:
+                return None
+            raise VersionConflictError(user_id, current, expected) from None
         return user
 
     try:
         return await run_in_transaction(session, apply)
     except StaleDataError:
-        return None  # the row vanished between our read and our write
+        return None  # locked, so not changed: the row vanished between our read and write
     except IntegrityError as exc:
         await session.get(User, user_id)  # reload what the undone change expired
         raise _refusal(exc, changes.get("email"), changes.get("team_id")) from None
@@ -259,7 +314,9 @@ async def deactivate_users(session: AsyncSession, user_ids: Sequence[int]) -> in
                 update(User)
                 .where(col(User.id).in_(user_ids[start : start + CHUNK]))
                 .where(col(User.is_active).is_(True))
-                .values(is_active=False)
+                # A changed row is a new version: a client holding the old one must not
+                # write over this change unawares (optimistic locking).
+                .values(is_active=False, version=col(User.version) + 1)
                 # Loaded users get is_active=False too: by the ids the UPDATE returns
                 # ("evaluate", the default, tests every loaded object per chunk).
                 .execution_options(synchronize_session="fetch")

@@ -24,9 +24,10 @@ from decimal import Decimal
 from typing import Any, Optional
 
 from pydantic import ConfigDict, field_validator
-from sqlalchemy import BigInteger, CheckConstraint, String, Text, event, false
+from sqlalchemy import BigInteger, CheckConstraint, String, Text, event, false, text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncAttrs
+from sqlalchemy.orm import declared_attr
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Relationship, SQLModel
 
@@ -195,6 +196,17 @@ class User(AsyncAttrs, UserBase, table=True):
     team_id: int | None = Field(
         default=None, foreign_key="team.id", ondelete="SET NULL", index=True
     )
+    # Optimistic locking: 1 for a new row (the ORM's default and the server's, so
+    # an INSERT written by hand agrees), and every ORM UPDATE sends
+    # ``SET version = n + 1 ... WHERE id = ? AND version = n``. No row matched:
+    # someone else changed (or deleted) it first, and the flush raises StaleDataError.
+    version: int = Field(default=1, sa_column_kwargs={"server_default": text("1")})
+
+    @declared_attr.directive
+    def __mapper_args__(cls) -> dict[str, Any]:
+        # SQLModel makes the Column after the class body runs: name it here, when
+        # the table exists. The ORM then counts versions itself.
+        return {"version_id_col": cls.__table__.c.version}
 
     team: Team | None = Relationship(
         back_populates="members", sa_relationship_kwargs={"lazy": "raise"}
@@ -284,6 +296,7 @@ class UserRead(UserBase):
     id: int
     is_active: bool
     team_id: int | None
+    version: int
 
 
 class UserUpdate(_StrictInput):

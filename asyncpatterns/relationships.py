@@ -176,11 +176,13 @@ async def delete_team(session: AsyncSession, team_id: int) -> bool:
     Two statements, nothing loaded. The UPDATE is also applied to members
     already loaded in this session (``synchronize_session``); without it the
     foreign key's ``ON DELETE SET NULL`` gives the same rows, but loaded
-    objects would keep the old ``team_id``.
+    objects would keep the old ``team_id``, and the members their version: a
+    client holding one could write over this change unawares (``User.version``).
     """
 
     async def delete_it(tx: AsyncSession) -> bool:
-        await tx.exec(update(User).where(col(User.team_id) == team_id).values(team_id=None))
+        leave = update(User).where(col(User.team_id) == team_id)
+        await tx.exec(leave.values(team_id=None, version=col(User.version) + 1))
         result = await tx.exec(delete(Team).where(col(Team.id) == team_id))
         return result.rowcount == 1
 

@@ -167,3 +167,21 @@ def test_bench_command_refuses_fewer_than_one_row(capsys) -> None:
 def test_bench_command_refuses_fewer_than_one_run(capsys) -> None:
     assert main(["bench", "--repeats", "-1"]) == 2
     assert "repeats must be at least 1" in capsys.readouterr().err
+
+
+async def test_streaming_scenario_reads_every_row_each_way(engine) -> None:
+    results = await bench.streaming_scenario(engine, sizes=(60, 300), repeats=1)
+    assert [r.extra["rows"] for r in results] == [60] * 4 + [300] * 4
+    assert {r.kind for r in results} == {bench.ANTI, bench.KIT, bench.RAW}
+    assert all(r.statements == 1 for r in results)  # one SELECT each, however many chunks
+    for size in (60, 300):
+        rows = [r for r in results if r.extra["rows"] == size]
+        assert rows[0].variant == f"common: .all() @ {size}"
+        assert rows[0].extra["peak_vs_all"] == 1 and rows[0].speedup == 1
+        assert all(r.peak_bytes > 0 and r.vs_raw is not None for r in rows)
+    assert await count_rows(engine, User) == 0  # emptied after the scenario
+
+
+def test_bench_command_refuses_a_stream_size_below_one(capsys) -> None:
+    assert main(["bench", "--stream-rows", "100,0"]) == 2
+    assert "stream rows must be at least 1" in capsys.readouterr().err

@@ -56,7 +56,15 @@ def copy_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_readme_lists_every_pattern_module() -> None:
-    assert set(FILES) == {"crud.py", "relationships.py", "transactions.py", "pooling.py"}
+    assert set(FILES) == {
+        "crud.py",
+        "relationships.py",
+        "transactions.py",
+        "pooling.py",
+        "upserts.py",
+        "streaming.py",
+        "locking.py",
+    }
     for module, files in FILES.items():
         for name in files:
             assert (PACKAGE / name).exists(), (module, name)
@@ -252,6 +260,128 @@ async def main():
         await admin.dispose()
         async with engine.connect() as conn:  # pre-ping replaced them
             assert await pooling.server_connection_id(conn) not in ids
+    await engine.dispose()
+    print("smoke ok")
+
+
+asyncio.run(main())
+""",
+    "upserts.py": _PRELUDE
+    + """
+from myapp import upserts
+from myapp.db import make_session_maker
+from myapp.models import User
+
+
+async def main():
+    engine = await fresh_engine()
+    async with make_session_maker(engine)() as session:
+        red = await upserts.get_or_create_team(session, " Red ")
+        assert red.id and red.name == "Red"
+        assert (await upserts.get_or_create_team(session, "Red")).id == red.id
+        users = [User(name=f"U{i}", email=f"u{i}@x.io") for i in range(3)]
+        first = await upserts.upsert_users(session, users)
+        again = await upserts.upsert_users(
+            session, [User(name="New", email="U0@X.io", team_id=red.id)]
+        )
+        assert again[0].id == first[0].id and again[0].version == 2
+        try:
+            await upserts.upsert_users(session, [users[1], User(name="x", email="U1@x.io")])
+            raise AssertionError("one email twice accepted")
+        except upserts.RepeatedEmailError:
+            pass
+    await engine.dispose()
+    print("smoke ok")
+
+
+asyncio.run(main())
+""",
+    "streaming.py": _PRELUDE
+    + """
+import io
+
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from myapp import streaming
+from myapp.models import User
+
+
+async def main():
+    engine = create_async_engine(URL)  # streaming needs only models.py: a plain engine
+    async with engine.begin() as conn:
+        await conn.run_sync(SQLModel.metadata.create_all)
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            await conn.execute(delete(table))
+    sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+    async with sessions() as session:
+        session.add_all(User(name=f"U{i}", email=f"u{i}@x.io") for i in range(25))
+        await session.commit()
+        async with streaming.stream_users(session, chunk_size=10) as users:
+            assert len([user async for user in users]) == 25
+        text = "".join([t async for t in streaming.export_users_csv(session, chunk_size=10)])
+        assert text.count("\\r\\n") == 26, text
+        statement = streaming.users_export_statement()
+        async with streaming.stream_rows(session, statement, chunk_size=7) as chunks:
+            assert len([row async for chunk in chunks for row in chunk]) == 25
+        emails = select(User.email).order_by(User.id)
+        async with streaming.stream_scalars(session, emails, chunk_size=7) as found:
+            assert [email async for email in found][:2] == ["u0@x.io", "u1@x.io"]
+        assert streaming.csv_cell("=1+1") == "'=1+1"
+        assert streaming.csv_text([("a,b", None, True)]) == '"a,b",,true\\r\\n'
+        out = io.StringIO(newline="")
+        assert await streaming.write_users_csv(session, out) == 25 and out.getvalue() == text
+        try:
+            frames = [frame async for frame in streaming.users_to_dataframes(session)]
+            assert sum(len(frame) for frame in frames) == 25
+        except ModuleNotFoundError:  # pandas: only users_to_dataframes needs it
+            pass
+        try:
+            async with streaming.stream_users(session, chunk_size=10) as users:
+                async for _user in users:
+                    await session.commit()
+            raise AssertionError("a commit mid-stream went unnoticed")
+        except streaming.StreamClosedError:
+            pass
+    await engine.dispose()
+    print("smoke ok")
+
+
+asyncio.run(main())
+""",
+    "locking.py": _PRELUDE
+    + """
+from myapp import crud, locking
+from myapp.db import make_session_maker
+from myapp.models import User
+
+
+async def main():
+    engine = await fresh_engine()
+    async with make_session_maker(engine)() as session:
+        ada = await crud.create_user(session, User(name="Ada", email="ada@example.com"))
+        tag = locking.etag(ada)
+        assert tag == f'"user-{ada.id}-v1"'
+        assert locking.parse_if_match(tag).versions(ada.id) == {1}
+        changed = await locking.update_user_if_match(session, ada.id, {"name": "A"}, tag)
+        assert changed.version == 2
+        try:
+            await locking.update_user_if_match(session, ada.id, {"name": "B"}, tag)
+            raise AssertionError("a stale If-Match was applied")
+        except locking.VersionConflictError:
+            pass
+        try:
+            locking.parse_if_match("not-quoted")
+            raise AssertionError("a malformed If-Match was accepted")
+        except locking.InvalidIfMatchError:
+            pass
+        try:
+            await locking.update_user_if_match(session, ada.id, {"name": "B"}, None, required=True)
+            raise AssertionError("a missing If-Match was accepted")
+        except locking.PreconditionRequiredError:
+            pass
+        assert (await locking.update_user_if_match(session, ada.id, {"name": "C"}, "*")).name == "C"
     await engine.dispose()
     print("smoke ok")
 

@@ -971,7 +971,7 @@ def changes(before: Rows, after: Rows) -> Changes:
 
 
 def as_read(user: dict[str, Any]) -> dict[str, Any]:
-    return {key: user[key] for key in ("id", "name", "email", "is_active", "team_id")}
+    return {key: user[key] for key in ("id", "name", "email", "is_active", "team_id", "version")}
 
 
 def money(value: Any) -> Decimal:
@@ -1026,6 +1026,8 @@ def expect_user_updated(body: Any, answer: Any, before: Rows, changed: Changes) 
     wanted = dict(old)
     for key, value in body.items():
         wanted[key] = CANONICAL[key](value) if key in CANONICAL else value
+    if wanted != old:  # a change is a new version (optimistic locking)
+        wanted["version"] = old["version"] + 1
     assert as_read(wanted) == answer
     assert changed.keys() <= {"user"}, changed
     if changed:

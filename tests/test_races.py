@@ -63,7 +63,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from asyncpatterns import crud, relationships, transactions
+from asyncpatterns import crud, relationships, transactions, upserts
 from asyncpatterns.api import answer_once
 from asyncpatterns.db import error_code, is_unique_violation, make_session_maker, session_scope
 from asyncpatterns.models import Account, Profile, Team, User, canonical_email
@@ -93,6 +93,9 @@ NO_FUNDS = "insufficient funds"  # 409, InsufficientFundsError
 NO_ACCOUNT = "account not found"  # 404, AccountNotFoundError
 KEY_REUSED = "key reused"  # 422: an Idempotency-Key sent with another request
 PROFILE_REFUSED = "profile refused"  # complex_operation returned False
+UPSERTED = "upserted"  # upsert_users: every row inserted or updated
+GOT = "got"  # get_or_create_team: the team, found or made
+VERSION_CHANGED = "version changed"  # 412, VersionConflictError: written since it was read
 
 
 class Answer(NamedTuple):
@@ -186,7 +189,33 @@ class Functions:
             account = await session.get(Account, account_id)
             return Answer(NO_ACCOUNT) if account is None else Answer(READ, account.balance)
 
+    async def get_or_create_team(self, name: str) -> Answer:
+        async with self.sessions() as session:
+            return Answer(GOT, (await upserts.get_or_create_team(session, name)).id)
+
+    async def update_user_if_unchanged(self, user_id: int, changes: dict[str, Any]) -> Answer:
+        """Optimistic locking: read the user, then write only over the version read."""
+        async with self.sessions() as session:
+            if (user := await crud.get_user(session, user_id)) is None:
+                return Answer(USER_GONE)
+            read = user.version
+        async with self.sessions() as session:
+            try:
+                user = await crud.update_user(session, user_id, changes, expected_version=read)
+            except crud.VersionConflictError:
+                return Answer(VERSION_CHANGED)
+            except crud.DuplicateEmailError:
+                return Answer(EMAIL_TAKEN)
+            except LookupError:
+                return Answer(TEAM_GONE)
+            return Answer(USER_GONE) if user is None else Answer(UPDATED, (read, user.version))
+
     # Writers the app has no endpoint for: both layers race them through here.
+
+    async def upsert_users(self, users: list[tuple[str, str]]) -> Answer:
+        async with self.sessions() as session:
+            stored = await upserts.upsert_users(session, [User(name=n, email=e) for n, e in users])
+            return Answer(UPSERTED, [(u.id, u.name, u.email) for u in stored])
 
     async def create_users(self, users: list[tuple[str, str]]) -> Answer:
         async with self.sessions() as session:
@@ -222,7 +251,7 @@ class Functions:
                 if not is_unique_violation(exc, User.__table__.c.email):
                     raise
                 return Answer(EMAIL_TAKEN)
-            return Answer(PROFILE_STORED if stored else PROFILE_REFUSED)
+            return Answer(PROFILE_STORED if stored else PROFILE_REFUSED, user.id)
 
     async def read_total(self, account_ids: list[int]) -> Answer:
         """The balances in one statement: a reader must never see money in flight."""
@@ -306,6 +335,29 @@ class Api:
 
     async def move(self, user_id: int, team_id: int | None) -> Answer:
         return await self.update_user(user_id, {"team_id": team_id})
+
+    async def get_or_create_team(self, name: str) -> Answer:
+        response = await self.client.post("/teams/get-or-create", json={"name": name})
+        return Answer(GOT, self.answer(response, GOT).value["id"])
+
+    async def update_user_if_unchanged(self, user_id: int, changes: dict[str, Any]) -> Answer:
+        """Optimistic locking: GET the user's ETag, PATCH with it in If-Match."""
+        got = await self.client.get(f"/users/{user_id}")
+        if self.answer(got, READ, [(404, "User not found", USER_GONE)]).kind == USER_GONE:
+            return Answer(USER_GONE)
+        refusals = [
+            (412, "", VERSION_CHANGED),
+            (400, "Email already registered", EMAIL_TAKEN),
+            (404, "User not found", USER_GONE),
+            (404, f"Team {changes.get('team_id')} not found", TEAM_GONE),
+        ]
+        headers = {"If-Match": got.headers["ETag"]}
+        response = await self.client.patch(f"/users/{user_id}", json=changes, headers=headers)
+        answer = self.answer(response, UPDATED, refusals)
+        if answer.kind != UPDATED:
+            return answer
+        assert response.headers["ETag"] != got.headers["ETag"], "a write kept the old ETag"
+        return Answer(UPDATED, (got.json()["version"], answer.value["version"]))
 
     async def delete_user(self, user_id: int) -> Answer:
         response = await self.client.delete(f"/users/{user_id}")
@@ -1153,6 +1205,9 @@ class Mix:
     def email(self) -> str:
         return case_variant(self.rng.choice(self.EMAILS), self.rng)
 
+    def team_name(self) -> str:
+        return self.rng.choice(self.TEAM_NAMES)
+
     def call(self, task: int, layer: Layer) -> Awaitable[Answer]:
         """A random writer (or reader), tagged with the task's name, ``t<task>``."""
         rng, tag = self.rng, f"t{task}"
@@ -1173,6 +1228,12 @@ class Mix:
             "read": (None, lambda: layer.read_account(source)),
             "open_account": (None, lambda: layer.open_account(tag, "5.00")),
             "complex_operation": (None, lambda: layer.complex_operation(None, tag, self.email())),
+            "upsert": (None, lambda: layer.upsert_users([(tag, self.email()), (tag, "p9@x.org")])),
+            "get_or_create_team": (None, lambda: layer.get_or_create_team(self.team_name())),
+            "rename_if_unchanged": (
+                user,
+                lambda: layer.update_user_if_unchanged(user, {"name": tag}),
+            ),
         }
         kind = rng.choice(sorted(choices))
         target_of_call, make = choices[kind]
@@ -1194,6 +1255,9 @@ DOCUMENTED = {
     "read": {READ},
     "open_account": {OPENED},
     "complex_operation": {PROFILE_STORED, EMAIL_TAKEN},
+    "upsert": {UPSERTED},
+    "get_or_create_team": {GOT},
+    "rename_if_unchanged": {UPDATED, USER_GONE, VERSION_CHANGED},
 }
 
 
@@ -1214,18 +1278,22 @@ async def test_every_writer_against_the_others(engine, layer) -> None:
         world = await observe(engine)
         expected = dict.fromkeys(accounts, Decimal("20.00"))
         deleted: Counter[int] = Counter()
+        upserted = False
         for task, ((kind, target), answer) in enumerate(zip(mix.sent, answers, strict=True)):
             tag, where = f"t{task}", f"round {round_}, task {task}, {kind}"
             assert answer.kind in DOCUMENTED[kind], f"{where}: {answer}"
+            # Checked by id: an upsert of the same email may rename a user meanwhile.
             mine = world.users_named(tag)
-            if kind == "create_user":
-                assert len(mine) == (answer.kind == CREATED), f"{where}: {mine}"
-                if answer.kind == CREATED:
-                    created_ids.append(answer.value)
-                    assert answer.value in world.users
-            elif kind in ("create_users", "complex_operation"):
-                stored = answer.kind in (CREATED, PROFILE_STORED)
-                assert len(mine) == (2 if kind == "create_users" and stored else int(stored)), where
+            if kind in ("create_user", "create_users", "complex_operation"):
+                if answer.kind in (CREATED, PROFILE_STORED):
+                    ids = [u[0] for u in answer.value] if kind == "create_users" else [answer.value]
+                    assert all(id_ in world.users for id_ in ids), f"{where}: {ids} not stored"
+                    if kind == "complex_operation":
+                        assert answer.value in world.profiles, f"{where}: no profile"
+                    if kind == "create_user":
+                        created_ids.append(answer.value)
+                else:
+                    assert not mine, f"{where}: refused, yet stored {mine}"
             elif kind == "delete_user" and answer.kind == DELETED:
                 deleted[target] += 1
                 assert target not in world.users, where
@@ -1238,6 +1306,18 @@ async def test_every_writer_against_the_others(engine, layer) -> None:
                 expected[answer.value] = Decimal("5.00")
             elif kind == "read":
                 assert answer.value >= 0, where
+            elif kind == "upsert":
+                ids = [id_ for id_, _name, _email in answer.value]
+                assert len(set(ids)) == 2 and all(n == tag for _, n, _ in answer.value), where
+                upserted = True
+            elif kind == "get_or_create_team":
+                assert isinstance(answer.value, int), where
+            elif kind == "rename_if_unchanged" and answer.kind == UPDATED:
+                read, written = answer.value
+                assert written == read + 1, f"{where}: wrote version {written} over {read}"
         assert max(deleted.values(), default=1) == 1, f"a user deleted twice: {deleted}"
         assert world.balances == expected, f"round {round_}: money lost or made"
+        if upserted:  # no writer here deletes or renames p9's row
+            emails = {user["email"] for user in world.users.values()}
+            assert "p9@x.org" in emails, f"round {round_}: an upserted row is missing"
     assert len(set(created_ids)) == len(created_ids), "an id was handed out twice"

@@ -1,6 +1,7 @@
 """Pattern vs anti-pattern vs raw driver: what the kit's patterns cost, measured.
 
     python -m asyncpatterns bench [--url URL] [--quick] [--rows N] [--json FILE] [--only SCENARIO]
+                                  [--stream-rows N,N,...]
 
 Three parts, each readable on its own: ``scenarios`` (what is compared: the
 common pattern, the kit's, the raw driver), ``measure`` (how: interleaved
@@ -41,14 +42,19 @@ from .scenarios import (
     bulk_insert,
     common_create_users,
     common_transfer_funds,
+    common_upsert_users,
     eager_loading,
     make_users,
     pool_sweep,
     raw_copy,
     raw_executemany,
+    raw_stream,
+    raw_upsert,
     reset_accounts,
+    streaming_scenario,
     transfer_plan,
     transfers,
+    upsert,
 )
 
 __all__ = [
@@ -69,6 +75,7 @@ __all__ = [
     "bulk_insert",
     "common_create_users",
     "common_transfer_funds",
+    "common_upsert_users",
     "eager_loading",
     "format_report",
     "make_users",
@@ -77,9 +84,13 @@ __all__ = [
     "pool_sweep",
     "raw_copy",
     "raw_executemany",
+    "raw_stream",
+    "raw_upsert",
     "reset_accounts",
     "run_bench",
+    "streaming_scenario",
     "summary",
     "transfer_plan",
     "transfers",
+    "upsert",
 ]

@@ -28,10 +28,12 @@ from .scenarios import (
     bulk_insert,
     eager_loading,
     pool_sweep,
+    streaming_scenario,
     transfers,
+    upsert,
 )
 
-SCENARIOS = ("bulk_insert", "eager_loading", "pool_sweep", "transfers")
+SCENARIOS = ("bulk_insert", "eager_loading", "pool_sweep", "transfers", "streaming", "upsert")
 
 
 @dataclass
@@ -78,6 +80,10 @@ async def _run_scenario(
             return await bulk_insert(engine, sizes["users"], repeats, progress)
         if name == "eager_loading":
             return await eager_loading(engine, sizes["teams"], sizes["members"], repeats, progress)
+        if name == "upsert":
+            return await upsert(engine, sizes["users"], repeats, progress)
+        if name == "streaming":
+            return await streaming_scenario(engine, sizes["stream_rows"], repeats, progress)
         return await transfers(engine, sizes["transfers"], repeats=repeats, progress=progress)
     finally:
         await engine.dispose()
@@ -90,11 +96,14 @@ async def run_bench(
     repeats: int | None = None,
     progress: bool = False,
     rows: int | None = None,
+    stream_rows: Sequence[int] | None = None,
 ) -> Report:
     """Run the scenarios in a scratch database next to ``url`` and report.
 
     ``repeats`` timed runs per variant: 5 by default, 3 with ``quick``.
-    ``rows``: users inserted by ``bulk_insert`` (default 10,000; 100 with ``quick``).
+    ``rows``: users written by ``bulk_insert`` and ``upsert`` (default 10,000;
+    100 with ``quick``).
+    ``stream_rows``: the table sizes ``streaming`` reads (default 10,000 and 100,000).
     """
     repeats = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
     if repeats < 1:
@@ -106,6 +115,10 @@ async def run_bench(
         if rows < 1:
             raise ConfigurationError(f"rows must be at least 1, not {rows}")
         sizes["users"] = rows
+    if stream_rows is not None:
+        if not stream_rows or min(stream_rows) < 1:
+            raise ConfigurationError(f"stream rows must be at least 1, not {stream_rows}")
+        sizes["stream_rows"] = tuple(stream_rows)  # type: ignore[assignment]
     report = Report(
         backend,
         mask_password(resolved),
@@ -117,7 +130,10 @@ async def run_bench(
     )
     steps = [s for s in SCENARIOS if not only or s in only]
     with tqdm(
-        total=sum(_rounds(n, backend, repeats, sizes["users"]) for n in steps),
+        total=sum(
+            _rounds(n, backend, repeats, sizes["users"], len(sizes["stream_rows"]))  # type: ignore[arg-type]
+            for n in steps
+        ),
         disable=not progress,
         unit="run",
         leave=False,
@@ -132,13 +148,15 @@ async def run_bench(
     return report
 
 
-def _rounds(scenario: str, backend: str, repeats: int, users: int) -> int:
+def _rounds(scenario: str, backend: str, repeats: int, users: int, stream_sizes: int = 2) -> int:
     bulk = 3 + (2 if backend == "postgresql" else 0) + (2 if users <= ROW_AT_A_TIME_LIMIT else 0)
     variants = {
         "bulk_insert": bulk,
         "eager_loading": 4,
         "pool_sweep": 3,
         "transfers": 2,
+        "streaming": 4 * stream_sizes,
+        "upsert": 2 + (1 if users <= ROW_AT_A_TIME_LIMIT else 0),
     }[scenario]
     return variants * (repeats + 2)  # a warm-up round and a memory round
 
@@ -188,6 +206,10 @@ def _load(load: tuple[float, float, float]) -> str:
 
 def _size(result: Result) -> str:
     extra = result.extra
+    if "sizes" in extra:
+        return "(" + " / ".join(f"{size:,}" for size in extra["sizes"]) + " rows)"
+    if "existing" in extra:
+        return f"({extra['users']:,} users, {extra['existing']:,} of them stored already)"
     if "users" in extra:
         return f"({extra['users']:,} users)"
     if "teams" in extra:
@@ -204,10 +226,11 @@ def bench_command(
     only: Sequence[str] | None = None,
     repeats: int | None = None,
     rows: int | None = None,
+    stream_rows: Sequence[int] | None = None,
 ) -> int:
     """``python -m asyncpatterns bench``: run, print the table, optionally write JSON."""
     progress = not quick and sys.stderr.isatty()
-    report = asyncio.run(run_bench(url, quick, only, repeats, progress, rows))
+    report = asyncio.run(run_bench(url, quick, only, repeats, progress, rows, stream_rows))
     print(format_report(report))
     if json_file:
         Path(json_file).write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")

@@ -13,6 +13,14 @@
 * ``transfers`` -- 500 concurrent transfers among 10 accounts: the common
   read-modify-write ``transfer_funds`` against the kit's, and the money the
   common version created or destroyed.
+* ``streaming`` -- a user table of 10,000 and 100,000 rows (``--stream-rows``,
+  e.g. 10000,100000,1000000) read with ``.all()``, ``streaming.stream_users``,
+  ``streaming.export_users_csv`` and the driver's own cursor: peak memory, as
+  a fraction of ``.all()``'s, flat for the streams however large the table.
+* ``upsert`` -- N users (10,000 by default, ``--rows``), half of them
+  already stored: the common select-then-insert-or-update loop, the kit's
+  ``upserts.upsert_users`` (ids back) and the driver's ``executemany`` of the
+  backend's own upsert statement (no ids back).
 
 The scenario functions empty the kit's tables: give them only a throw-away database.
 """
@@ -34,7 +42,7 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from tqdm import tqdm
 
-from .. import crud, relationships
+from .. import crud, relationships, streaming, upserts
 from ..db import make_engine, make_session_maker
 from ..models import Account, Team, User
 from ..pooling import gather_bounded, slow_query
@@ -43,6 +51,9 @@ from .measure import ANTI, DEFAULT_REPEATS, KIT, OTHER, RAW, Result, Run, Varian
 
 FULL = {"users": 10_000, "teams": 100, "members": 10, "queries": 500, "transfers": 500}
 QUICK = {"users": 100, "teams": 10, "members": 5, "queries": 20, "transfers": 20}
+# Table sizes the streaming scenario reads (--stream-rows: e.g. 10000,100000,1000000).
+FULL["stream_rows"] = (10_000, 100_000)  # type: ignore[assignment]
+QUICK["stream_rows"] = (100, 1_000)  # type: ignore[assignment]
 # Above this many rows, the row-at-a-time variants of bulk_insert are left out.
 ROW_AT_A_TIME_LIMIT = 20_000
 
@@ -435,4 +446,230 @@ async def transfers(
             f"{count / result.seconds:,.0f} transfers/s; money lost per run (-: created) "
             f"{', '.join(str(x) for x in lost)}; {failed} failed"
         )
+    return results
+
+
+# --- upsert: insert or update by email, half the rows existing --------------------
+
+
+async def common_upsert_users(session: AsyncSession, users: list[User]) -> list[User]:
+    """The common upsert: look each email up, then update that row or add a new one."""
+    for data in users:
+        existing = (await session.exec(select(User).where(User.email == data.email))).first()
+        if existing:
+            existing.name = data.name
+            existing.is_active = data.is_active
+            existing.team_id = data.team_id
+        else:
+            session.add(data)
+    await session.commit()
+    return users
+
+
+async def raw_upsert(engine: AsyncEngine, rows: list[tuple[Any, ...]]) -> int:
+    """The backend's own upsert statement, one driver ``executemany`` in one
+    transaction (aiomysql folds it into multi-row INSERTs). No ids come back."""
+    names = ", ".join(USER_COLUMNS)
+    async with driver_connection(engine) as driver:
+        if engine.dialect.name == "postgresql":
+            sql = (
+                f'INSERT INTO "user" ({names}) VALUES ($1, $2, $3, $4) ON CONFLICT (email) '
+                "DO UPDATE SET name = excluded.name, is_active = excluded.is_active, "
+                'team_id = excluded.team_id, version = "user".version + 1'
+            )
+            async with driver.transaction():
+                await driver.executemany(sql, rows)
+        elif engine.dialect.name == "sqlite":
+            sql = (
+                f"INSERT INTO user ({names}) VALUES (?, ?, ?, ?) ON CONFLICT (email) "
+                "DO UPDATE SET name = excluded.name, is_active = excluded.is_active, "
+                "team_id = excluded.team_id, version = user.version + 1"
+            )
+            await driver.execute("BEGIN")
+            await driver.executemany(sql, rows)
+            await driver.execute("COMMIT")
+        else:
+            sql = (
+                f"INSERT INTO user ({names}) VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
+                "name = VALUES(name), is_active = VALUES(is_active), "
+                "team_id = VALUES(team_id), version = user.version + 1"
+            )
+            async with driver.cursor() as cursor:
+                await cursor.executemany(sql, rows)
+            await driver.commit()
+    return 1
+
+
+async def upsert(
+    engine: AsyncEngine,
+    users: int = FULL["users"],
+    repeats: int = DEFAULT_REPEATS,
+    progress: tqdm | None = None,
+) -> list[Result]:
+    """Upsert ``users`` users of which half (every other email) exist, each way.
+
+    Before every run the table holds the same half; afterwards it must hold
+    every user once, renamed: a variant that does not is an error, not a time.
+    """
+    session_maker = make_session_maker(engine)
+    existing = [{"name": f"Old {i}", "email": f"user{i}@example.com"} for i in range(0, users, 2)]
+
+    async def prepare() -> tuple[list[User], list[tuple[Any, ...]]]:
+        await _empty_user_table(engine)
+        async with engine.begin() as conn:
+            await conn.execute(insert(User), existing)
+        fresh = [User(name=f"New {i}", email=f"user{i}@example.com") for i in range(users)]
+        return fresh, [tuple(getattr(u, c) for c in USER_COLUMNS) for u in fresh]
+
+    async def common(payload: Any) -> None:
+        async with session_maker() as session:
+            await common_upsert_users(session, payload[0])
+
+    async def kit(payload: Any) -> None:
+        async with session_maker() as session:
+            await upserts.upsert_users(session, payload[0])
+
+    async def check(variant: Variant) -> None:
+        async with session_maker() as session:
+            names = (await session.exec(select(User.name))).all()
+        if len(names) != users or any(not name.startswith("New ") for name in names):
+            raise RuntimeError(f"{variant.name} did not store every user once, renamed")
+
+    variants = []
+    if users <= ROW_AT_A_TIME_LIMIT:
+        variants.append(Variant("common: select, insert or update each", ANTI, common))
+    variants += [
+        Variant("kit: upserts.upsert_users", KIT, kit),
+        Variant("raw driver: executemany of the upsert", RAW, lambda p: raw_upsert(engine, p[1])),
+    ]
+    try:
+        results = await measure("upsert", engine, variants, prepare, repeats, progress, check)
+    finally:
+        await _empty_user_table(engine)
+    for result in results:
+        result.extra.update(users=users, existing=len(existing))
+        result.notes = f"{users / result.seconds:,.0f} rows/s"
+    return results
+
+
+# --- streaming: peak memory of .all() against a stream ---------------------------
+
+# Above this many rows each variant gets one timed run: a million ORM objects take a
+# minute to build, and memory, not time, is what this scenario shows.
+STREAM_TIMED_LIMIT = 100_000
+STREAM_SQL = "SELECT id, name, email, is_active, team_id FROM {user} ORDER BY id"
+
+
+async def _grow_user_table(engine: AsyncEngine, start: int, stop: int) -> None:
+    """Users ``start`` .. ``stop - 1``: COPY on PostgreSQL, multi-row INSERTs elsewhere."""
+    for first in range(start, stop, 50_000):
+        rows = [
+            (f"User {i}", f"user{i}@example.com", True, None)
+            for i in range(first, min(stop, first + 50_000))
+        ]
+        if engine.dialect.name == "postgresql":
+            await raw_copy(engine, rows)
+            continue
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(User), [dict(zip(USER_COLUMNS, r, strict=True)) for r in rows]
+            )
+
+
+async def raw_stream(engine: AsyncEngine, chunk: int = streaming.CHUNK_SIZE) -> int:
+    """Every user's row through the driver's own cursor, ``chunk`` rows at a time:
+    asyncpg's server-side cursor (in a transaction), aiomysql's unbuffered SSCursor,
+    aiosqlite's cursor with fetchmany."""
+    rows = 0
+    async with driver_connection(engine) as driver:
+        if engine.dialect.name == "postgresql":
+            async with driver.transaction():
+                cursor = driver.cursor(STREAM_SQL.format(user='"user"'), prefetch=chunk)
+                async for _record in cursor:
+                    rows += 1
+        elif engine.dialect.name == "sqlite":
+            async with driver.execute(STREAM_SQL.format(user="user")) as cursor:
+                while batch := await cursor.fetchmany(chunk):
+                    rows += len(batch)
+        else:
+            from aiomysql.cursors import SSCursor
+
+            async with driver.cursor(SSCursor) as cursor:
+                await cursor.execute(STREAM_SQL.format(user="user"))
+                while batch := await cursor.fetchmany(chunk):
+                    rows += len(batch)
+            await driver.rollback()
+    return rows
+
+
+async def streaming_scenario(
+    engine: AsyncEngine,
+    sizes: Sequence[int] = FULL["stream_rows"],
+    repeats: int = DEFAULT_REPEATS,
+    progress: tqdm | None = None,
+) -> list[Result]:
+    """Read a user table of each size in ``sizes`` every way; the point is peak memory.
+
+    ``.all()`` (the common way) holds every ORM object at once; ``stream_users`` and
+    ``export_users_csv`` hold one chunk of 1,000 rows; the raw driver's cursor is the
+    floor. The notes give each peak as a fraction of ``.all()``'s at the same size:
+    a stream's peak stays flat as the table grows, ``.all()``'s grows with it.
+    """
+    session_maker = make_session_maker(engine)
+
+    def check(rows: int, expected: int) -> None:
+        if rows != expected:
+            raise RuntimeError(f"read {rows} rows, expected {expected}")
+
+    def variants(size: int) -> list[Variant]:
+        async def everything(_payload: Any) -> None:
+            async with session_maker() as session:
+                check(len((await session.exec(select(User).order_by(User.id))).all()), size)
+
+        async def stream_users(_payload: Any) -> None:
+            rows = 0
+            async with session_maker() as session, streaming.stream_users(session) as users:
+                async for _user in users:
+                    rows += 1
+            check(rows, size)
+
+        async def export_csv(_payload: Any) -> None:
+            rows = 0
+            async with session_maker() as session:
+                async for text_chunk in streaming.export_users_csv(session):
+                    rows += text_chunk.count("\r\n")
+            check(rows, size + 1)  # and the header
+
+        async def raw(_payload: Any) -> int:
+            check(await raw_stream(engine), size)
+            return 1  # the driver's SELECT, which sqlwatch does not see
+
+        at = f" @ {size:,}"
+        return [
+            Variant("common: .all()" + at, ANTI, everything),
+            Variant("kit: stream_users (ORM)" + at, KIT, stream_users),
+            Variant("kit: export_users_csv" + at, KIT, export_csv),
+            Variant("raw driver: cursor" + at, RAW, raw),
+        ]
+
+    results: list[Result] = []
+    await _empty_user_table(engine)
+    stored = 0
+    try:
+        for size in sorted(sizes):
+            await _grow_user_table(engine, stored, size)
+            stored = size
+            runs = repeats if size <= STREAM_TIMED_LIMIT else 1
+            measured = await measure("streaming", engine, variants(size), _nothing, runs, progress)
+            everything_peak = measured[0].peak_bytes
+            for result in measured:
+                result.extra.update(rows=size, sizes=sorted(sizes))
+                result.extra["peak_vs_all"] = result.peak_bytes / everything_peak
+                result.notes = (
+                    f"peak {result.peak_bytes / everything_peak:.2g}x .all()'s; "
+                    f"{size / result.seconds:,.0f} rows/s"
+                )
+            results += measured
+    finally:
+        await _empty_user_table(engine)
     return results

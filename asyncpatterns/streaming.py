@@ -1,0 +1,312 @@
+"""Stream a large query in constant memory: rows, CSV text, pandas chunks.
+
+``.all()`` holds every row at once: 20,000 users are about 28 MiB of Python
+objects, a million about 1.4 GiB. A stream holds one chunk (``chunk_size``
+rows, ``yield_per``) at a time, fetched from a cursor on the server:
+
+* PostgreSQL (asyncpg): a real server-side cursor (a portal of the prepared
+  statement), which only lives inside a transaction. The rows wait on the
+  server; each chunk is one round trip.
+* MySQL/MariaDB (aiomysql): an unbuffered ``SSCursor``. The server sends the
+  whole result down the socket at once and the driver reads it row by row as
+  it is asked, so Python memory stays flat, but while the result is open the
+  connection can do nothing else: any other statement on it first reads the
+  rest of the result and throws it away -- the stream then ends early, silently.
+* SQLite (aiosqlite): the ``sqlite3`` cursor steps through the result in the
+  driver's thread, ``fetchmany(chunk_size)`` per chunk. (Without streaming, the
+  adapter fetches every row before the first one is returned.)
+
+Rules, enforced here on every backend (what MariaDB does to a broken rule is
+silent data loss, and code written on PostgreSQL would not notice):
+
+* A stream needs its session's connection for its whole life: no commit, no
+  rollback, no close, and no other statement on that session until it ends.
+  Use another session for other work meanwhile. A statement sent on the
+  streaming connection raises ``StreamBusyError``; a stream whose session was
+  committed, rolled back or closed raises ``StreamClosedError`` -- never a
+  shorter result that looks complete.
+* Streams are context managers: the cursor is closed when the block exits,
+  also after ``break`` or an error. An async generator left by ``break``
+  stays suspended inside its stream until the garbage collector closes it
+  (meanwhile its session refuses other statements): close the CSV and pandas
+  generators below with ``contextlib.aclosing``. Closing early on MariaDB
+  still reads the rest of the result off the socket (the protocol has no
+  other way); to stop early and cheaply, put a ``LIMIT`` in the query.
+* ORM objects streamed are added to the session's identity map, which holds
+  them weakly: memory stays flat as long as you do not keep or change them.
+  Exports need no ORM objects: ``stream_rows`` with a few columns holds a
+  third of the memory and runs 2 to 3 times faster.
+
+The stream reads in the session's transaction (begun if there is none, as any
+query does); ending it stays the caller's job (closing the session does it).
+It sees the table as it was when its query started, on every backend: other
+sessions write and commit meanwhile without waiting for it, unseen by it.
+Only ``models.py`` is needed beside this module (pandas for ``users_to_dataframes``).
+"""
+
+import csv
+import io
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TextIO
+
+from sqlalchemy import Select, event
+from sqlalchemy.engine import Connection
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from .models import User
+
+CHUNK_SIZE = 1000  # rows per fetch: memory held at once, and round trips on PostgreSQL
+CSV_COLUMNS = ("id", "name", "email", "is_active", "team_id")
+# A spreadsheet runs a cell starting with one of these as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+class StreamClosedError(RuntimeError):
+    """The stream's session was committed, rolled back or closed before the stream ended."""
+
+
+class StreamBusyError(RuntimeError):
+    """Another statement was sent on the connection a stream is reading from."""
+
+
+@asynccontextmanager
+async def stream_rows(
+    session: AsyncSession, statement: Select[Any], chunk_size: int = CHUNK_SIZE
+) -> AsyncIterator[AsyncIterator[Sequence[Any]]]:
+    """Run ``statement`` with a server-side cursor; yield an iterator of chunks.
+
+    Each chunk is a list of at most ``chunk_size`` rows (``Row`` tuples)::
+
+        async with stream_rows(session, select(User.id, User.email)) as chunks:
+            async for chunk in chunks:
+                for user_id, email in chunk: ...
+
+    The cursor is closed when the block exits (also after ``break``). Raises
+    ``StreamClosedError`` / ``StreamBusyError`` when the rules in the module
+    docstring are broken, instead of returning fewer rows.
+    """
+    async with _stream(session, statement, chunk_size, scalars=False) as chunks:
+        yield chunks
+
+
+@asynccontextmanager
+async def stream_scalars(
+    session: AsyncSession, statement: Select[Any], chunk_size: int = CHUNK_SIZE
+) -> AsyncIterator[AsyncIterator[Any]]:
+    """Like ``stream_rows``, one object at a time: ORM objects for ``select(User)``."""
+    async with _stream(session, statement, chunk_size, scalars=True) as chunks:
+        yield _Items(chunks)
+
+
+def stream_users(
+    session: AsyncSession, chunk_size: int = CHUNK_SIZE
+) -> AbstractAsyncContextManager[AsyncIterator[User]]:
+    """Every user, in id order, as ``User`` objects, ``chunk_size`` in memory at a time::
+
+    async with stream_users(session) as users:
+        async for user in users: ...
+    """
+    return stream_scalars(session, select(User).order_by(col(User.id)), chunk_size)
+
+
+class _Chunks:
+    """The chunks of an open result; refuses to go on once the rules are broken."""
+
+    def __init__(self, result: Any, connection: Connection, chunk_size: int) -> None:
+        self.result, self.connection, self.chunk_size = result, connection, chunk_size
+        self.open = True  # the stream's block has not ended
+        self.done = False  # every row was read
+
+    def __aiter__(self) -> "_Chunks":
+        return self
+
+    async def __anext__(self) -> Sequence[Any]:
+        self.check()
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            chunk = await self.result.fetchmany(self.chunk_size)
+        except Exception as exc:
+            self.check(exc)
+            raise
+        self.check()  # MariaDB: a result drained by someone else looks ended
+        if not chunk:
+            self.done = True
+            raise StopAsyncIteration
+        return chunk
+
+    def check(self, cause: BaseException | None = None) -> None:
+        if not self.open:
+            raise StreamClosedError(
+                "The stream's block has ended: iterate inside `async with stream_...(...) as rows:`"
+            ) from cause
+        if _gone(self.connection):
+            raise StreamClosedError(
+                "The stream's session was committed, rolled back or closed before the stream "
+                "ended: keep the session open and untouched until the stream is done (use "
+                "another session for other work meanwhile)"
+            ) from cause
+
+
+class _Items:
+    """The rows of ``_Chunks`` one by one."""
+
+    def __init__(self, chunks: _Chunks) -> None:
+        self.chunks = chunks
+        self.buffer: Sequence[Any] = ()
+        self.position = 0
+
+    def __aiter__(self) -> "_Items":
+        return self
+
+    async def __anext__(self) -> Any:
+        while self.position >= len(self.buffer):
+            self.buffer, self.position = await self.chunks.__anext__(), 0
+        self.chunks.check()
+        self.position += 1
+        return self.buffer[self.position - 1]
+
+
+@asynccontextmanager
+async def _stream(
+    session: AsyncSession, statement: Select[Any], chunk_size: int, scalars: bool
+) -> AsyncIterator[_Chunks]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+    connection = (await session.connection()).sync_connection  # the one the cursor will use
+    assert connection is not None
+    streaming = statement.execution_options(yield_per=chunk_size)  # implies stream_results
+    result: Any = await (session.stream_scalars if scalars else session.stream)(streaming)
+    chunks = _Chunks(result, connection, chunk_size)
+
+    def refuse_other_statements(*_args: Any) -> None:
+        if chunks.open:
+            raise StreamBusyError(
+                "This session's connection is reading a stream: finish the stream (or leave "
+                "its block) first, or run the statement on another session. On MySQL/MariaDB "
+                "it would silently cut the stream short."
+            )
+
+    def close_cursor_first(*_args: Any) -> None:
+        # The session commits, rolls back or closes mid-stream: close the cursor before
+        # (MariaDB: a ROLLBACK behind an unread result warns, and fails the pool's reset).
+        # The stream then raises StreamClosedError at its next step.
+        result._real_result.close()
+
+    listeners = [
+        ("before_cursor_execute", refuse_other_statements),
+        ("commit", close_cursor_first),
+        ("rollback", close_cursor_first),
+    ]
+    for name, listener in listeners:
+        event.listen(connection, name, listener)
+    try:
+        yield chunks
+    finally:
+        chunks.open = False
+        for name, listener in listeners:
+            event.remove(connection, name, listener)
+        if not _gone(connection):
+            await result.close()  # the cursor; on MariaDB this reads the rest off the socket
+
+
+def _gone(connection: Connection) -> bool:
+    return connection.closed or connection.invalidated or not connection.in_transaction()
+
+
+# -- CSV ---------------------------------------------------------------------------------
+
+
+def csv_cell(value: Any, neutralize_formulas: bool = True) -> Any:
+    """One value as written to CSV: booleans as true/false, NULL as an empty cell, and
+    text a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR first)
+    prefixed with a ``'`` when ``neutralize_formulas`` (OWASP's advice for CSV injection)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if neutralize_formulas and isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_text(rows: Iterable[Sequence[Any]], neutralize_formulas: bool = True) -> str:
+    """Rows as RFC 4180 CSV text (CRLF line ends; commas, quotes and newlines quoted)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerows([csv_cell(v, neutralize_formulas) for v in row] for row in rows)
+    return buffer.getvalue()
+
+
+def users_export_statement() -> Select[Any]:
+    """The export's query: the CSV columns of every user, in id order."""
+    return select(*(getattr(User, name) for name in CSV_COLUMNS)).order_by(col(User.id))
+
+
+async def export_users_csv(
+    session: AsyncSession, chunk_size: int = CHUNK_SIZE, neutralize_formulas: bool = True
+) -> AsyncIterator[str]:
+    """The user table as CSV text, one chunk of ``chunk_size`` rows per item.
+
+    The first item is the header together with the first rows (the query has
+    run by then: a failure to connect comes before anything is sent); an
+    empty table gives the header alone. Close it when you stop early::
+
+        async with contextlib.aclosing(export_users_csv(session)) as chunks:
+            async for text in chunks: ...
+
+    ``neutralize_formulas``: see ``csv_cell`` (on by default: exports are
+    opened in spreadsheets; turn it off for machine-to-machine exports).
+    """
+    header = csv_text([CSV_COLUMNS])
+    async with stream_rows(session, users_export_statement(), chunk_size) as chunks:
+        async for chunk in chunks:
+            yield header + csv_text(chunk, neutralize_formulas)
+            header = ""
+    if header:
+        yield header
+
+
+async def write_users_csv(
+    session: AsyncSession,
+    file: TextIO,
+    chunk_size: int = CHUNK_SIZE,
+    neutralize_formulas: bool = True,
+) -> int:
+    """Write the user table as CSV to ``file`` (opened with ``newline=""``), chunk by
+    chunk; returns the number of rows written."""
+    header = csv_text([CSV_COLUMNS])
+    file.write(header)
+    rows = 0
+    async with stream_rows(session, users_export_statement(), chunk_size) as chunks:
+        async for chunk in chunks:
+            file.write(csv_text(chunk, neutralize_formulas))
+            rows += len(chunk)
+    return rows
+
+
+async def users_to_dataframes(
+    session: AsyncSession, chunk_size: int = 10_000
+) -> AsyncIterator[Any]:
+    """The user table as pandas DataFrames of at most ``chunk_size`` rows, in id order.
+
+    Every frame has the same columns and dtypes (``team_id`` is a nullable
+    ``Int64``), so they can be processed one by one, or written out
+    (``frame.to_parquet``, ``to_csv(mode="a")``) without holding the table.
+    Close it with ``contextlib.aclosing`` when you stop early.
+    """
+    import pandas as pd  # only this function needs pandas
+
+    dtypes = {
+        "id": "int64",
+        "name": "string",
+        "email": "string",
+        "is_active": "bool",
+        "team_id": "Int64",
+    }
+    async with stream_rows(session, users_export_statement(), chunk_size) as chunks:
+        async for chunk in chunks:
+            frame = pd.DataFrame.from_records(chunk, columns=list(CSV_COLUMNS))
+            yield frame.astype(dtypes)
