@@ -344,7 +344,8 @@ def _valid_text(text: str) -> str:
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI documentation for the error answers of one endpoint."""
     descriptions = {
-        400: "Conflicts with stored data (e.g. email already registered), or a non-UTF-8 body",
+        400: "Conflicts with stored data (e.g. email already registered), a non-UTF-8 body,"
+        " or a malformed If-Match",
         404: "Not found",
         409: "Refused by a business rule (e.g. insufficient funds)",
         412: "If-Match names no current version: someone else changed it; GET it again",
@@ -528,9 +529,25 @@ async def update_user_endpoint(
     return UserRead.model_validate(user)
 
 
-@router.delete("/users/{user_id}", responses=_errors(404), tags=["users"])
-async def delete_user_endpoint(user_id: UserId, session: SessionDep) -> Deleted:
-    if not await crud.delete_user(session, user_id):
+@router.delete("/users/{user_id}", responses=_errors(400, 404, 412, 428), tags=["users"])
+async def delete_user_endpoint(
+    user_id: UserId, session: SessionDep, request: Request, if_match: IfMatchHeader = None
+) -> Deleted:
+    """Delete the user. With ``If-Match``, only the version it names, else 412 and
+    the user stays (428 without it, if the app requires If-Match)."""
+    if if_match is not None:  # several If-Match lines are one list (RFC 9110, 5.3)
+        if_match = ", ".join(request.headers.getlist("if-match"))
+    try:
+        deleted = await locking.delete_user_if_match(
+            session, user_id, if_match, required=request.app.state.require_if_match
+        )
+    except locking.InvalidIfMatchError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    except locking.PreconditionRequiredError as exc:
+        raise HTTPException(status.HTTP_428_PRECONDITION_REQUIRED, str(exc)) from None
+    except crud.VersionConflictError as exc:
+        raise HTTPException(status.HTTP_412_PRECONDITION_FAILED, str(exc)) from None
+    if not deleted:
         raise HTTPException(status.HTTP_404_NOT_FOUND, USER_NOT_FOUND)
     return Deleted(ok=True)
 

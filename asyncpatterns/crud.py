@@ -260,12 +260,7 @@ async def update_user(
         user_data if isinstance(user_data, UserUpdate) else UserUpdate.model_validate(user_data)
     )
     changes = update.model_dump(exclude_unset=True)
-    if expected_version is None:
-        expected = None
-    else:
-        expected = frozenset(
-            [expected_version] if isinstance(expected_version, int) else expected_version
-        )
+    expected = _expected(expected_version)
 
     async def apply(tx: AsyncSession) -> User | None:
         # Last write wins: FOR UPDATE, so a concurrent delete waits for us, or we
@@ -286,10 +281,8 @@ async def update_user(
                 user.sqlmodel_update(changes)
                 await tx.flush()  # UPDATE ... SET version = n + 1 WHERE id = ? AND version = n
         except StaleDataError:
-            # No row matched: deleted, or written since we read it. A locking read
-            # sees the latest committed row (a plain one on MySQL sees our snapshot).
-            now = select(User.version).where(User.id == user_id).with_for_update()
-            current = (await tx.exec(now)).first()
+            # No row matched: deleted, or written since we read it.
+            current = await _current_version(tx, user_id)
             if current is None:
                 return None
             raise VersionConflictError(user_id, current, expected) from None
@@ -327,11 +320,41 @@ async def deactivate_users(session: AsyncSession, user_ids: Sequence[int]) -> in
     return await run_in_transaction(session, deactivate) if user_ids else 0
 
 
-async def delete_user(session: AsyncSession, user_id: int) -> bool:
-    """Delete one user in one statement; False if there was no such user."""
+def _expected(expected_version: int | Collection[int] | None) -> frozenset[int] | None:
+    if expected_version is None:
+        return None
+    if isinstance(expected_version, int):
+        return frozenset([expected_version])
+    return frozenset(expected_version)
+
+
+async def _current_version(session: AsyncSession, user_id: int) -> int | None:
+    """The user's version as last committed (a locking read: on MySQL a plain one
+    would answer from this transaction's snapshot); None if there is no such user."""
+    now = select(User.version).where(User.id == user_id).with_for_update()
+    return (await session.exec(now)).first()
+
+
+async def delete_user(
+    session: AsyncSession, user_id: int, expected_version: int | Collection[int] | None = None
+) -> bool:
+    """Delete one user in one statement; False if there was no such user.
+
+    With ``expected_version`` (optimistic locking), only that version of the
+    user (or one of those given) is deleted, else ``VersionConflictError``: a
+    client that read an older copy does not delete a change it has not seen.
+    """
+    expected = _expected(expected_version)
 
     async def delete_one(tx: AsyncSession) -> bool:
-        return (await tx.exec(delete(User).where(col(User.id) == user_id))).rowcount == 1
+        statement = delete(User).where(col(User.id) == user_id)
+        if expected is not None:
+            statement = statement.where(col(User.version).in_(expected))
+        if (await tx.exec(statement)).rowcount == 1:
+            return True
+        if expected is None or (current := await _current_version(tx, user_id)) is None:
+            return False
+        raise VersionConflictError(user_id, current, expected)
 
     return await run_in_transaction(session, delete_one)
 

@@ -390,28 +390,50 @@ def attach_inserted(session: AsyncSession, objects: Sequence[Any]) -> None:
     for obj in objects:
         make_transient_to_detached(obj)
     session.add_all(objects)
+    _undo_on_rollback(session, objects, _EXPUNGE)
+
+
+def changed_behind_the_orm(session: AsyncSession, objects: Sequence[Any]) -> None:
+    """Objects ``session`` holds whose rows a Core statement just changed, their new
+    values set with ``set_committed_value``.
+
+    If the transaction (or savepoint) that changed the rows rolls back, they are
+    expired, as the ORM expires the objects it wrote itself: nothing keeps
+    showing values that were never stored.
+    """
+    _undo_on_rollback(session, objects, _EXPIRE)
+
+
+def _undo_on_rollback(session: AsyncSession, objects: Sequence[Any], undo: str) -> None:
     sync_session = session.sync_session
     transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
-    sync_session.info.setdefault(_ATTACHED, {}).setdefault(transaction, []).extend(objects)
+    noted = sync_session.info.setdefault(_ATTACHED, {}).setdefault(transaction, [])
+    noted.extend((obj, undo) for obj in objects)
 
 
 # The session-level facts the rule needs, recorded per transaction in session.info.
 _CONNECTED, _WROTE = "asyncpatterns.connected", "asyncpatterns.wrote"
-_ATTACHED = "asyncpatterns.attached"
+_ATTACHED = "asyncpatterns.attached"  # {transaction: [(object, what a rollback undoes)]}
+_EXPUNGE, _EXPIRE = "expunge", "expire"
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_attached(session: Session, rolled_back: SessionTransaction) -> None:
     # Objects attached in this transaction or one nested in it: their rows are gone.
+    # Objects whose rows it changed behind the ORM: what they show was not kept.
     attached = session.info.get(_ATTACHED, {})
     for transaction in list(attached):
         ancestor = transaction
         while ancestor is not None and ancestor is not rolled_back:
             ancestor = ancestor.parent
         if ancestor is rolled_back:
-            for obj in attached.pop(transaction):
-                if obj in session:
+            for obj, undo in attached.pop(transaction):
+                if obj not in session:
+                    continue
+                if undo == _EXPUNGE:
                     session.expunge(obj)
+                else:
+                    session.expire(obj)
 
 
 @event.listens_for(Session, "after_commit")

@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .crud import VersionConflictError, update_user
+from .crud import VersionConflictError, delete_user, update_user
 from .models import User, UserUpdate
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "InvalidIfMatchError",
     "PreconditionRequiredError",
     "VersionConflictError",
+    "delete_user_if_match",
     "etag",
     "parse_if_match",
     "update_user_if_match",
@@ -156,14 +157,28 @@ async def update_user_if_match(
     Otherwise as ``crud.update_user`` (runs in the caller's transaction if it
     began one, else in its own; same refusals).
     """
+    versions = _versions(user_id, if_match, required)
+    return await update_user(session, user_id, user_data, expected_version=versions)
+
+
+async def delete_user_if_match(
+    session: AsyncSession, user_id: int, if_match: str | None, *, required: bool = False
+) -> bool:
+    """``crud.delete_user`` under an If-Match precondition: the same rules as
+    ``update_user_if_match`` (428, 400, ``*``, 412), and False (404) for a user
+    that does not exist. A DELETE is a write: a stale copy must not delete a
+    change its client has not seen."""
+    versions = _versions(user_id, if_match, required)
+    return await delete_user(session, user_id, expected_version=versions)
+
+
+def _versions(user_id: int, if_match: str | None, required: bool) -> frozenset[int] | None:
+    """The versions a write may change; None for any (no If-Match, or ``*``)."""
     if if_match is None:
         if required:
             raise PreconditionRequiredError(
                 f"Send If-Match with the ETag of the user as you read it (GET /users/{user_id}), "
                 "so that your change cannot overwrite one you have not seen"
             )
-        return await update_user(session, user_id, user_data)
-    versions = parse_if_match(if_match).versions(user_id)
-    if versions is None:  # If-Match: *
-        return await update_user(session, user_id, user_data)
-    return await update_user(session, user_id, user_data, expected_version=versions)
+        return None
+    return parse_if_match(if_match).versions(user_id)

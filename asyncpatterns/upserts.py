@@ -45,7 +45,12 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .db import attach_inserted, is_foreign_key_violation, run_in_transaction
+from .db import (
+    attach_inserted,
+    changed_behind_the_orm,
+    is_foreign_key_violation,
+    run_in_transaction,
+)
 from .models import Email, Team, User, checked_name
 
 BATCH = 1000  # users per statement
@@ -99,8 +104,9 @@ async def upsert_users(
     (``RepeatedEmailError``): PostgreSQL refuses to change a row twice in one
     statement, and "last one wins" would silently drop data. Also refused
     (``ValueError``): an email or a name too long for its column, or holding
-    NUL (PostgreSQL cannot store it). A ``team_id`` with no team is a
-    ``LookupError``. All or nothing: on any error nothing of the call is stored.
+    NUL (PostgreSQL cannot store it) or a lone surrogate. A ``team_id`` with no
+    team (or out of the column's range) is a ``LookupError``. All or nothing: on
+    any error nothing of the call is stored.
 
     One statement per ``batch_size`` users (two on MySQL, which has no
     ``RETURNING``), however many rows exist already.
@@ -142,6 +148,11 @@ def _checked_row(user: User) -> str:
         raise ValueError(f"{email}: the name must be text of at most {NAME_LENGTH} characters")
     if "\x00" in email or "\x00" in name:
         raise ValueError(f"{email!r}: NUL characters cannot be stored (PostgreSQL refuses them)")
+    if any("\ud800" <= c <= "\udfff" for c in email + name):
+        raise ValueError(f"{email!r}: a lone surrogate is not text any backend can store")
+    team_id = user.team_id
+    if team_id is not None and not (isinstance(team_id, int) and 0 < team_id < 2**31):
+        raise LookupError(f"Team not found: no team has the id {team_id!r}")
     return email
 
 
@@ -201,6 +212,7 @@ def _persistent_users(
     mapper = sa_inspect(User)
     result: list[User] = []
     to_attach: list[User] = []
+    updated: list[User] = []
     for user, email in zip(users, emails, strict=True):
         id_, version = stored[email]
         held = identity_map.get(mapper.identity_key_from_primary_key((id_,)))
@@ -209,6 +221,7 @@ def _persistent_users(
             values |= {"team_id": user.team_id, "version": version}
             for field, value in values.items():
                 set_committed_value(held, field, value)
+            updated.append(held)
             result.append(held)
             continue
         if not sa_inspect(user).transient:  # another session's object: leave it alone
@@ -219,6 +232,7 @@ def _persistent_users(
         to_attach.append(user)
         result.append(user)
     attach_inserted(session, to_attach)  # persistent; they leave again if this rolls back
+    changed_behind_the_orm(session, updated)  # expired again if this rolls back
     return result
 
 

@@ -669,7 +669,7 @@ EXPECTED_ERRORS = {
     ("get", "/users/{user_id}"): {"404", "422", "503"},
     ("get", "/users/export.csv"): {"503"},
     ("patch", "/users/{user_id}"): {"400", "404", "412", "422", "428", "503"},
-    ("delete", "/users/{user_id}"): {"404", "422", "503"},
+    ("delete", "/users/{user_id}"): {"400", "404", "412", "422", "428", "503"},
     ("post", "/teams/"): {"400", "422", "503"},
     ("post", "/teams/get-or-create"): {"400", "422", "503"},  # 400: a non-UTF-8 body
     ("get", "/teams/"): {"422", "503"},

@@ -264,6 +264,51 @@ async def test_get_gives_the_etag_and_patch_checks_it(client) -> None:
     assert last.status_code == 200 and last.headers["ETag"] == f'"user-{ada["id"]}-v4"'
 
 
+async def test_a_delete_with_if_match_deletes_only_the_version_read(client) -> None:
+    ada = (await client.post("/users/", json={"name": "Ada", "email": "ada@example.com"})).json()
+    url = f"/users/{ada['id']}"
+    read = (await client.get(url)).headers["ETag"]
+    assert (await client.patch(url, json={"name": "A"})).status_code == 200  # someone else
+    stale = await client.delete(url, headers={"If-Match": read})
+    assert stale.status_code == 412 and "version 2" in stale.json()["detail"]
+    assert (await client.get(url)).json()["name"] == "A"  # the change it had not seen: kept
+    assert (await client.delete(url, headers={"If-Match": "user-1-v2"})).status_code == 400
+    current = (await client.get(url)).headers["ETag"]
+    assert (await client.delete(url, headers={"If-Match": current})).status_code == 200
+    assert (await client.delete(url, headers={"If-Match": current})).status_code == 404
+    bob = (await client.post("/users/", json={"name": "Bob", "email": "bob@example.com"})).json()
+    deleted = await client.delete(f"/users/{bob['id']}", headers={"If-Match": "*"})
+    assert deleted.status_code == 200
+
+
+async def test_delete_user_with_an_expected_version(engine) -> None:
+    user = await new_user(engine)
+    async with make_session_maker(engine)() as session:
+        with pytest.raises(crud.VersionConflictError) as refused:
+            await crud.delete_user(session, user.id, expected_version=7)
+        assert refused.value.current == 1
+        assert await stored(engine, user.id) is not None
+        assert await crud.delete_user(session, user.id, expected_version={1, 2})
+        assert not await crud.delete_user(session, user.id, expected_version=1)  # gone: False
+
+
+async def test_racing_conditional_deletes_and_patches_one_wins(live_client, engine) -> None:
+    for round_ in range(ROUNDS):
+        user = await new_user(engine, f"race{round_}@example.com")
+        url = f"/users/{user.id}"
+        tag = {"If-Match": (await live_client.get(url)).headers["ETag"]}
+        writes = [live_client.delete(url, headers=tag) for _ in range(3)]
+        writes += [live_client.patch(url, json={"name": f"w{i}"}, headers=tag) for i in range(3)]
+        answers = await asyncio.wait_for(asyncio.gather(*writes), TIMEOUT)
+        codes = [a.status_code for a in answers]
+        assert codes.count(200) == 1 and set(codes) <= {200, 404, 412}, [a.text for a in answers]
+        after = await stored(engine, user.id)
+        if codes.index(200) < 3:  # a delete won: the user is gone
+            assert after is None
+        else:  # a patch won: stored as it wrote it, one version up
+            assert (after.name, after.version) == (answers[codes.index(200)].json()["name"], 2)
+
+
 async def test_clients_cannot_set_the_version(client) -> None:
     body = {"name": "Ada", "email": "ada@example.com", "version": 7}
     assert (await client.post("/users/", json=body)).status_code == 422
@@ -351,6 +396,8 @@ async def test_an_app_can_require_if_match(database_url, engine) -> None:
             assert (
                 await client.patch(url, json={"name": "B"}, headers={"If-Match": "*"})
             ).status_code == 200
+            assert (await client.delete(url)).status_code == 428  # a DELETE is a write too
+            assert (await client.delete(url, headers={"If-Match": "*"})).status_code == 200
     finally:
         await app.state.engine.dispose()
 

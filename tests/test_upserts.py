@@ -9,6 +9,7 @@ database holds one row per email or name and that nobody saw an exception.
 import asyncio
 
 import pytest
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import select
 
@@ -88,6 +89,26 @@ async def test_a_user_the_session_holds_is_brought_up_to_date(session) -> None:
     # its version is the stored one: an ORM update afterwards is not a stale write
     updated = await crud.update_user(session, ada.id, {"name": "Ada again"})
     assert (updated.name, updated.version) == ("Ada again", 3)
+
+
+async def test_a_held_user_shows_nothing_of_an_upsert_rolled_back(engine) -> None:
+    async with make_session_maker(engine)() as session:
+        await crud.create_users(session, [User(name="Ada", email="ada@example.com")])
+    async with make_session_maker(engine)() as session, session.begin():
+        ada = (await session.exec(select(User))).one()
+        savepoint = await session.begin_nested()
+        await upsert_users(session, [User(name="Upserted", email="ada@example.com")])
+        assert (ada.name, ada.version) == ("Upserted", 2)
+        await savepoint.rollback()
+        # Expired by the rollback, as the ORM expires what it wrote: nothing shows
+        # the values that were never kept. Reloaded, it is as stored.
+        assert {"name", "version"} <= sa_inspect(ada).expired_attributes
+        await session.refresh(ada)
+        assert (ada.name, ada.version) == ("Ada", 1)
+        ada.name = "Ada Lovelace"
+        await session.flush()  # its version is the stored one: not a false conflict
+    async with make_session_maker(engine)() as session:
+        assert (await session.exec(select(User.name, User.version))).one() == ("Ada Lovelace", 2)
 
 
 async def test_mixed_batches_across_batch_boundaries(engine) -> None:
@@ -220,6 +241,8 @@ async def test_hostile_but_legal_values_are_stored_as_given(session) -> None:
         ("a" * 101, "ada@example.com", "at most 100"),
         ("Ada\x00", "ada@example.com", "NUL"),
         ("Ada", "ada\x00@example.com", "NUL"),
+        ("Ada\ud800", "ada@example.com", "surrogate"),
+        ("Ada", "ada\udfff@example.com", "surrogate"),
     ],
 )
 async def test_values_no_backend_may_store_are_refused_on_every_backend(
@@ -232,10 +255,11 @@ async def test_values_no_backend_may_store_are_refused_on_every_backend(
     assert await crud.count_users(session) == 0
 
 
-async def test_an_unknown_team_is_a_lookup_error_and_stores_nothing(session) -> None:
+@pytest.mark.parametrize("team_id", [999, 2**31, -1, 2**63])
+async def test_an_unknown_team_is_a_lookup_error_and_stores_nothing(session, team_id) -> None:
     users = [
         User(name="Ada", email="ada@example.com"),
-        User(name="Bob", email="b@x.org", team_id=999),
+        User(name="Bob", email="b@x.org", team_id=team_id),
     ]
     with pytest.raises(LookupError, match="Team not found"):
         await upsert_users(session, users)
