@@ -382,6 +382,12 @@ async def main():
         except locking.PreconditionRequiredError:
             pass
         assert (await locking.update_user_if_match(session, ada.id, {"name": "C"}, "*")).name == "C"
+        try:
+            await locking.delete_user_if_match(session, ada.id, tag)
+            raise AssertionError("a stale If-Match deleted the user")
+        except locking.VersionConflictError:
+            pass
+        assert await locking.delete_user_if_match(session, ada.id, locking.etag(changed))
     await engine.dispose()
     print("smoke ok")
 
