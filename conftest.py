@@ -25,3 +25,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _SCRATCH = pytest.StashKey[str]()
+
+
+@pytest.fixture
+async def no_returning(engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's dialect says "no INSERT ... RETURNING", as MySQL's does, so that
+    path runs on every backend (MariaDB's dialect sets the flag again on each new
+    connection: that is stopped too)."""
+    async with engine.connect():  # the dialect sets its flags on the first connection
+        pass
+    dialect = engine.sync_engine.dialect
+    monkeypatch.setattr(dialect, "insert_returning", False)
+    if hasattr(dialect, "_set_mariadb"):
+        set_mariadb = dialect._set_mariadb
+
+        def set_mariadb_without_returning(*args) -> None:
+            set_mariadb(*args)
+            dialect.insert_returning = False
+
+        monkeypatch.setattr(dialect, "_set_mariadb", set_mariadb_without_returning)

@@ -21,8 +21,8 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -492,6 +492,24 @@ IfMatchHeader = Annotated[
 ]
 
 
+def _if_match(request: Request, if_match: str | None) -> str | None:
+    """The whole If-Match field: several lines of it are one list (RFC 9110, 5.3)."""
+    return None if if_match is None else ", ".join(request.headers.getlist("if-match"))
+
+
+@contextmanager
+def _precondition_refusals() -> Iterator[None]:
+    """``locking``'s refusals of a conditional write, as HTTP answers them."""
+    try:
+        yield
+    except locking.InvalidIfMatchError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    except locking.PreconditionRequiredError as exc:
+        raise HTTPException(status.HTTP_428_PRECONDITION_REQUIRED, str(exc)) from None
+    except crud.VersionConflictError as exc:
+        raise HTTPException(status.HTTP_412_PRECONDITION_FAILED, str(exc)) from None
+
+
 @router.patch("/users/{user_id}", responses=_errors(400, 404, 412, 428), tags=["users"])
 async def update_user_endpoint(
     user_id: UserId,
@@ -507,18 +525,15 @@ async def update_user_endpoint(
     412 and nothing changes. Without: the last write wins (428 if the app
     requires If-Match). The answer's ``ETag`` names the new version.
     """
-    if if_match is not None:  # several If-Match lines are one list (RFC 9110, 5.3)
-        if_match = ", ".join(request.headers.getlist("if-match"))
     try:
-        user = await locking.update_user_if_match(
-            session, user_id, changes, if_match, required=request.app.state.require_if_match
-        )
-    except locking.InvalidIfMatchError as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
-    except locking.PreconditionRequiredError as exc:
-        raise HTTPException(status.HTTP_428_PRECONDITION_REQUIRED, str(exc)) from None
-    except crud.VersionConflictError as exc:
-        raise HTTPException(status.HTTP_412_PRECONDITION_FAILED, str(exc)) from None
+        with _precondition_refusals():
+            user = await locking.update_user_if_match(
+                session,
+                user_id,
+                changes,
+                _if_match(request, if_match),
+                required=request.app.state.require_if_match,
+            )
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
     except LookupError as exc:  # the team_id has no team
@@ -535,18 +550,13 @@ async def delete_user_endpoint(
 ) -> Deleted:
     """Delete the user. With ``If-Match``, only the version it names, else 412 and
     the user stays (428 without it, if the app requires If-Match)."""
-    if if_match is not None:  # several If-Match lines are one list (RFC 9110, 5.3)
-        if_match = ", ".join(request.headers.getlist("if-match"))
-    try:
+    with _precondition_refusals():
         deleted = await locking.delete_user_if_match(
-            session, user_id, if_match, required=request.app.state.require_if_match
+            session,
+            user_id,
+            _if_match(request, if_match),
+            required=request.app.state.require_if_match,
         )
-    except locking.InvalidIfMatchError as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
-    except locking.PreconditionRequiredError as exc:
-        raise HTTPException(status.HTTP_428_PRECONDITION_REQUIRED, str(exc)) from None
-    except crud.VersionConflictError as exc:
-        raise HTTPException(status.HTTP_412_PRECONDITION_FAILED, str(exc)) from None
     if not deleted:
         raise HTTPException(status.HTTP_404_NOT_FOUND, USER_NOT_FOUND)
     return Deleted(ok=True)

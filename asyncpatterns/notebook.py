@@ -62,6 +62,7 @@ def regenerate(paths: Iterable[str | Path]) -> None:
             client.execute(env=env)
             volatile = _volatile_patterns(path.parent / "sanitize.cfg")
             for cell in notebook.cells:
+                cell.get("metadata", {}).pop("execution", None)  # timestamps of an earlier run
                 tags = cell.get("metadata", {}).get("tags", [])
                 if "nbval-ignore-output" in tags and stored.get(cell.source) is not None:
                     cell.outputs = stored[cell.source]

@@ -51,7 +51,7 @@ from .db import (
     is_foreign_key_violation,
     run_in_transaction,
 )
-from .models import Email, Team, User, checked_name
+from .models import MAX_ID, Email, Team, User, checked_name
 
 BATCH = 1000  # users per statement
 NAME_LENGTH = 100  # User.name and Team.name
@@ -151,7 +151,7 @@ def _checked_row(user: User) -> str:
     if any("\ud800" <= c <= "\udfff" for c in email + name):
         raise ValueError(f"{email!r}: a lone surrogate is not text any backend can store")
     team_id = user.team_id
-    if team_id is not None and not (isinstance(team_id, int) and 0 < team_id < 2**31):
+    if team_id is not None and not (isinstance(team_id, int) and 0 < team_id <= MAX_ID):
         raise LookupError(f"Team not found: no team has the id {team_id!r}")
     return email
 

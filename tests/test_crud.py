@@ -66,21 +66,8 @@ async def test_create_users_10000_in_at_most_10_statements(engine) -> None:
         assert stored.email == created[-1].email
 
 
-async def test_create_users_without_returning_reads_ids_by_email(engine, monkeypatch) -> None:
-    # MySQL 8 has no INSERT ... RETURNING: force that path on every backend
-    # (MariaDB's dialect sets the flag again on each new connection: stop that too).
-    async with engine.connect():  # the dialect sets its flags on the first connection
-        pass
-    dialect = engine.sync_engine.dialect
-    monkeypatch.setattr(dialect, "insert_returning", False)
-    if hasattr(dialect, "_set_mariadb"):
-        set_mariadb = dialect._set_mariadb
-
-        def set_mariadb_without_returning(*args) -> None:
-            set_mariadb(*args)
-            dialect.insert_returning = False
-
-        monkeypatch.setattr(dialect, "_set_mariadb", set_mariadb_without_returning)
+async def test_create_users_without_returning_reads_ids_by_email(engine, no_returning) -> None:
+    # MySQL 8 has no INSERT ... RETURNING: that path, forced on every backend.
     async with make_session_maker(engine)() as session:
         with watch_sql(engine) as sql:
             created = await crud.create_users(session, make_users(1500))

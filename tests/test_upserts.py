@@ -40,21 +40,6 @@ async def team_rows(engine, name: str) -> list[int]:
         return list((await session.exec(select(Team.id).where(Team.name == name))).all())
 
 
-def force_no_returning(engine, monkeypatch) -> None:
-    """Make the dialect say "no INSERT ... RETURNING", as MySQL's does (MariaDB's
-    sets the flag again on each new connection: stop that too)."""
-    dialect = engine.sync_engine.dialect
-    monkeypatch.setattr(dialect, "insert_returning", False)
-    if hasattr(dialect, "_set_mariadb"):
-        set_mariadb = dialect._set_mariadb
-
-        def set_mariadb_without_returning(*args) -> None:
-            set_mariadb(*args)
-            dialect.insert_returning = False
-
-        monkeypatch.setattr(dialect, "_set_mariadb", set_mariadb_without_returning)
-
-
 # -- upsert_users: what it stores and returns ----------------------------------------------
 
 
@@ -155,14 +140,11 @@ async def test_10000_users_half_existing_in_one_statement_per_1000(engine) -> No
 
 
 async def test_without_returning_the_rows_are_read_back_with_a_locking_read(
-    engine, monkeypatch, backend
+    engine, no_returning, backend
 ) -> None:
     # MySQL has no INSERT ... RETURNING: that path, forced on MariaDB (and SQLite).
     if backend == "postgresql":
         pytest.skip("PostgreSQL always has RETURNING: its path does not depend on the flag")
-    async with engine.connect():  # the dialect sets its flags on the first connection
-        pass
-    force_no_returning(engine, monkeypatch)
     session_maker = make_session_maker(engine)
     async with session_maker() as session:
         existing = await crud.create_users(session, make_users(3))
