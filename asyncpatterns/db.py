@@ -408,12 +408,12 @@ def _undo_on_rollback(session: AsyncSession, objects: Sequence[Any], undo: str) 
     sync_session = session.sync_session
     transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
     noted = sync_session.info.setdefault(_ATTACHED, {}).setdefault(transaction, [])
-    noted.extend((obj, undo) for obj in objects)
+    noted.append((tuple(objects), undo))
 
 
 # The session-level facts the rule needs, recorded per transaction in session.info.
 _CONNECTED, _WROTE = "asyncpatterns.connected", "asyncpatterns.wrote"
-_ATTACHED = "asyncpatterns.attached"  # {transaction: [(object, what a rollback undoes)]}
+_ATTACHED = "asyncpatterns.attached"  # {transaction: [(objects, what a rollback undoes)]}
 _EXPUNGE, _EXPIRE = "expunge", "expire"
 
 
@@ -427,13 +427,14 @@ def _forget_attached(session: Session, rolled_back: SessionTransaction) -> None:
         while ancestor is not None and ancestor is not rolled_back:
             ancestor = ancestor.parent
         if ancestor is rolled_back:
-            for obj, undo in attached.pop(transaction):
-                if obj not in session:
-                    continue
-                if undo == _EXPUNGE:
-                    session.expunge(obj)
-                else:
-                    session.expire(obj)
+            for objects, undo in attached.pop(transaction):
+                for obj in objects:
+                    if obj not in session:
+                        continue
+                    if undo == _EXPUNGE:
+                        session.expunge(obj)
+                    else:
+                        session.expire(obj)
 
 
 @event.listens_for(Session, "after_commit")

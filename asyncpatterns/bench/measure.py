@@ -1,7 +1,8 @@
 """How the bench measures: variants run interleaved, timed, counted and weighed.
 
 Every variant of a scenario runs once as a warm-up (its statements counted
-with ``sqlwatch``), once more with ``tracemalloc`` on (its peak memory), then
+with ``sqlwatch``), once more with ``tracemalloc`` on (its peak memory, and
+what its objects still hold at the end), then
 ``repeats`` timed rounds, interleaved in a rotating order so that no variant
 always runs first. Its time is the median of the timed rounds.
 """
@@ -41,6 +42,7 @@ class Result:
     statements: int
     runs: list[float]
     peak_bytes: int = 0  # the most Python heap the run held at once (tracemalloc)
+    kept_bytes: int = 0  # of which still held when it returned (e.g. the ORM state of its objects)
     vs_raw: float | None = None  # this variant's time / the raw driver's
     speedup: float | None = None  # the anti-pattern's time / this variant's
     notes: str = ""
@@ -79,7 +81,7 @@ async def measure(
     after it (e.g. check an invariant).
     """
     statements: dict[str, int] = {}
-    peaks: dict[str, int] = {}
+    peaks: dict[str, list[int]] = {}
     runs: dict[str, list[float]] = {v.name: [] for v in variants}
     with _clean_heap_per_run():
         for round_number in range(repeats + 2):
@@ -91,9 +93,8 @@ async def measure(
                         unseen = await variant.run(payload)
                     statements[variant.name] = sql.count + (unseen or 0)
                 elif round_number == 1:
-                    with _peak_memory() as peak:
+                    with _peak_memory() as peaks[variant.name]:
                         await variant.run(payload)
-                    peaks[variant.name] = peak[0]
                 else:
                     gc.collect()  # the garbage of earlier runs is not this run's cost
                     start = time.perf_counter()
@@ -111,7 +112,7 @@ async def measure(
             statistics.median(runs[v.name]),
             statements[v.name],
             runs[v.name],
-            peaks[v.name],
+            *peaks[v.name],
         )
         for v in variants
     ]
@@ -120,18 +121,22 @@ async def measure(
 
 @contextmanager
 def _peak_memory() -> Iterator[list[int]]:
-    """The most Python heap allocated at once inside the block, in bytes.
+    """``[peak, kept]``: the most Python heap allocated at once inside the block,
+    and how much of what it allocated is still held at its end, in bytes.
 
     Counted from the block's start, so the run's input (made by ``prepare``)
-    is not charged to it. Memory the drivers allocate in C is not seen.
+    is not charged to it, but what the run attaches to that input is (the
+    session's bookkeeping on objects it made persistent). Memory the drivers
+    allocate in C is not seen.
     """
     gc.collect()
-    peak = [0]
+    sizes = [0, 0]
     tracemalloc.start()
     try:
-        yield peak
+        yield sizes
     finally:
-        peak[0] = tracemalloc.get_traced_memory()[1]
+        gc.collect()  # what is only garbage is not kept
+        sizes[1], sizes[0] = tracemalloc.get_traced_memory()
         tracemalloc.stop()
 
 

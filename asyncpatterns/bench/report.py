@@ -174,8 +174,8 @@ def format_report(report: Report) -> str:
         f"load average before {_load(report.load_before)}, after {_load(report.load_after)}",
     ]
     header = (
-        f"  {'variant':<38} {'median s':>9} {'stmts':>6} {'peak MiB':>9} {'/ raw':>8} "
-        f"{'speed-up':>9}  notes"
+        f"  {'variant':<38} {'median s':>9} {'stmts':>6} {'peak MiB':>9} {'kept MiB':>9} "
+        f"{'/ raw':>8} {'speed-up':>9}  notes"
     )
     for scenario in SCENARIOS:
         rows = [r for r in report.results if r.scenario == scenario]
@@ -185,7 +185,8 @@ def format_report(report: Report) -> str:
         for r in rows:
             lines.append(
                 f"  {r.variant:<38} {r.seconds:>9.4f} {r.statements:>6} "
-                f"{r.peak_bytes / 2**20:>9.1f} {_ratio(r.vs_raw):>8} {_ratio(r.speedup):>9}  "
+                f"{r.peak_bytes / 2**20:>9.1f} {r.kept_bytes / 2**20:>9.1f} "
+                f"{_ratio(r.vs_raw):>8} {_ratio(r.speedup):>9}  "
                 f"{r.notes}".rstrip()
             )
     lines += [
@@ -195,7 +196,8 @@ def format_report(report: Report) -> str:
         "stmts: statements sent (sqlwatch), plus the driver calls it cannot see for "
         "raw-driver and COPY variants.",
         "peak MiB: the most Python heap a run held at once (tracemalloc, in a separate "
-        "untimed run; memory drivers allocate in C is not counted).",
+        "untimed run; memory drivers allocate in C is not counted); kept MiB: of which "
+        "still held when the run returned (the ORM state of objects it made persistent).",
     ]
     return "\n".join(lines)
 
@@ -247,6 +249,7 @@ def summary(results: Sequence[Result]) -> list[dict[str, Any]]:
             "median_s": round(r.seconds, 4),
             "statements": r.statements,
             "peak_MiB": round(r.peak_bytes / 2**20, 1),
+            "kept_MiB": round(r.kept_bytes / 2**20, 1),
             "vs_raw": None if r.vs_raw is None else round(r.vs_raw, 2),
             "speedup": None if r.speedup is None else round(r.speedup, 1),
         }
