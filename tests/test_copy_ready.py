@@ -106,14 +106,18 @@ from sqlmodel import SQLModel
 URL, BACKEND = os.environ["SMOKE_URL"], os.environ["SMOKE_BACKEND"]
 
 
+async def empty_tables(conn):
+    for table in reversed(SQLModel.metadata.sorted_tables):
+        await conn.execute(delete(table))
+
+
 async def fresh_engine():
     from myapp.db import create_db_and_tables, make_engine
     from myapp import models  # noqa: F401  (registers the tables)
     engine = make_engine(URL)
     await create_db_and_tables(engine)
     async with engine.begin() as conn:
-        for table in reversed(SQLModel.metadata.sorted_tables):
-            await conn.execute(delete(table))
+        await empty_tables(conn)
     return engine
 """
 
@@ -312,8 +316,7 @@ async def main():
     engine = create_async_engine(URL)  # streaming needs only models.py: a plain engine
     async with engine.begin() as conn:
         await conn.run_sync(SQLModel.metadata.create_all)
-        for table in reversed(SQLModel.metadata.sorted_tables):
-            await conn.execute(delete(table))
+        await empty_tables(conn)
     sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
     async with sessions() as session:
         session.add_all(User(name=f"U{i}", email=f"u{i}@x.io") for i in range(25))

@@ -136,7 +136,8 @@ def _peak_memory() -> Iterator[list[int]]:
         yield sizes
     finally:
         gc.collect()  # what is only garbage is not kept
-        sizes[1], sizes[0] = tracemalloc.get_traced_memory()
+        current, peak = tracemalloc.get_traced_memory()
+        sizes[:] = [peak, current]
         tracemalloc.stop()
 
 

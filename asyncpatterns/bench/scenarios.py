@@ -40,14 +40,13 @@ import sqlalchemy
 from sqlalchemy import TextClause, delete, insert, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from tqdm import tqdm
 
 from .. import crud, relationships, streaming, upserts
-from ..db import make_engine, make_session_maker
+from ..db import attach_inserted, make_engine, make_session_maker
 from ..models import Account, Team, User
 from ..pooling import gather_bounded, slow_query
 from ..transactions import transfer_funds
@@ -178,15 +177,14 @@ async def bulk_insert(
         async with session_maker() as session, session.begin():
             await crud._insert_users(session, payload[1])  # the rows, as raw gets them
 
-    async def kit_attach(payload: Any) -> int:
+    async def kit_attach(payload: Any) -> None:
         # What create_users does once the ids are back, with made-up ids: SQLAlchemy's
-        # per-object work to make objects persistent, then the session's close.
-        async with session_maker() as session:
+        # per-object work to make objects persistent, in a transaction that never
+        # connects (nothing to send), then the session's close.
+        async with session_maker() as session, session.begin():
             for id_, user in enumerate(payload[0], start=1):
                 set_committed_value(user, "id", id_)
-                make_transient_to_detached(user)
-            session.add_all(payload[0])
-        return 0
+            attach_inserted(session, payload[0])
 
     async def core(payload: Any) -> None:
         rows = [dict(zip(USER_COLUMNS, row, strict=True)) for row in payload[1]]
