@@ -116,7 +116,8 @@ async def create_users(session: AsyncSession, users: Sequence[User]) -> list[Use
             user.email = email
         # The INSERT below does not name the version: the server default, 1, is
         # stored. The objects must say so, or their first UPDATE matches no row.
-        if user.version != FIRST_VERSION:
+        # (1.0, True and Decimal(1) equal 1 but are not what the column gives back.)
+        if type(user.version) is not int or user.version != FIRST_VERSION:
             set_committed_value(user, "version", FIRST_VERSION)
         rows.append((user.name, email, user.is_active, user.team_id))
 

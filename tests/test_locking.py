@@ -10,6 +10,7 @@ HTTP 412) and the row holds the winner's change, on SQLite, PostgreSQL and MySQL
 import asyncio
 import os
 import re
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -88,6 +89,19 @@ async def test_create_users_stores_version_1_and_its_users_can_be_changed(engine
         assert users[0].version == 2
     assert (await stored(engine, users[0].id)).version == 2
     assert (await stored(engine, users[1].id)).version == 1
+
+
+@pytest.mark.parametrize("one", [1.0, True, Decimal(1)], ids=repr)
+async def test_create_users_gives_an_int_version_whatever_equal_value_was_set(engine, one) -> None:
+    """1.0, True and Decimal(1) equal 1; the objects must hold the int the column
+    gives back, or the next UPDATE binds the wrong type (SQLite refuses a Decimal)."""
+    async with make_session_maker(engine)() as session:
+        (user,) = await crud.create_users(session, [User(name="V", email="v@x.io", version=one)])
+        assert type(user.version) is int and user.version == 1
+        user.name = "W"
+        await session.commit()
+        assert type(user.version) is int and user.version == 2
+    assert (await stored(engine, user.id)).version == 2
 
 
 async def test_bulk_writes_count_the_version_too(engine) -> None:
