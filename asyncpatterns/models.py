@@ -17,155 +17,35 @@
   reuses the id of a deleted row (``AUTOINCREMENT``), like the servers.
 """
 
-import re
-import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Optional
 
 from pydantic import ConfigDict, field_validator
-from sqlalchemy import BigInteger, CheckConstraint, String, Text, event, false, text
-from sqlalchemy.dialects import mysql
+from sqlalchemy import CheckConstraint, Text, event, false
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import declared_attr
-from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Relationship, SQLModel
 
-CENT = Decimal("0.01")
-# PostgreSQL cannot store NUL characters in text: refuse them on input, everywhere.
-TEXT_PATTERN = r"^[^\x00]*$"
-EMAIL_PATTERN = r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$"
-# Primary and foreign keys are 32-bit INTEGER columns on PostgreSQL and MySQL.
-MAX_ID = 2**31 - 1
-EMAIL_LENGTH = 255
-# Money is stored as cents in a signed 64-bit BIGINT.
-MAX_CENTS = 2**63 - 1
-# Every table: utf8mb4 on MySQL whatever the database's default charset, and
-# AUTOINCREMENT on SQLite so a deleted row's id is never handed out again.
-TABLE_OPTIONS = {"mysql_charset": "utf8mb4", "sqlite_autoincrement": True}
-
-
-def canonical_text(value: str) -> str:
-    """One Unicode form for text compared for identity: NFC, no outer whitespace."""
-    return unicodedata.normalize("NFC", value.strip())
-
-
-def canonical_email(email: str) -> str:
-    """The one form an email is stored and looked up in: trimmed, lower-case, NFC.
-
-    Lower-casing can lengthen text ("İ" becomes two characters): check the
-    length of the result, not of the input.
-    """
-    return canonical_text(email.strip().lower())
-
-
-def checked_name(name: str, max_length: int = 100) -> str:
-    """A name as it will be stored (``canonical_text``), checked after the change:
-    not blank, and at most ``max_length`` characters once normalized (NFC can
-    lengthen text: "\u0958" becomes two characters)."""
-    name = canonical_text(name)
-    if not name:
-        raise ValueError("may not be blank")
-    if len(name) > max_length:
-        raise ValueError(f"at most {max_length} characters once normalized")
-    return name
-
-
-def checked_email(email: str) -> str:
-    """An email as it will be stored (``canonical_email``), checked after the change:
-    still email-shaped (trimming can remove a whole part: "\x1c@example.com"),
-    and at most 255 characters once lower-cased."""
-    email = canonical_email(email)
-    if not re.fullmatch(EMAIL_PATTERN, email):
-        raise ValueError("not an email address once trimmed")
-    if len(email) > EMAIL_LENGTH:
-        raise ValueError(f"at most {EMAIL_LENGTH} characters once lower-cased")
-    return email
-
-
-class ExactText(TypeDecorator[str]):
-    """Text equal only to itself on every backend, stored in canonical form.
-
-    MySQL's default collations ignore case, accents and trailing spaces, so a
-    unique column there refuses values PostgreSQL and SQLite accept: here it
-    uses the binary collation. Values are stored as ``canonical_text`` gives them.
-    """
-
-    impl = String
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Any) -> Any:
-        if dialect.name == "mysql":
-            binary = mysql.VARCHAR(self.impl.length, charset="utf8mb4", collation="utf8mb4_bin")
-            return dialect.type_descriptor(binary)
-        return dialect.type_descriptor(String(self.impl.length))
-
-    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
-        return None if value is None else self.canonical(value)
-
-    @staticmethod
-    def canonical(value: str) -> str:
-        return canonical_text(value)
-
-
-class Email(ExactText):
-    """An email column: compared exactly, stored as ``canonical_email`` gives it."""
-
-    cache_ok = True
-
-    @staticmethod
-    def canonical(value: str) -> str:
-        email = canonical_email(value)
-        if len(email) > EMAIL_LENGTH:
-            raise ValueError(f"email is longer than {EMAIL_LENGTH} characters once lower-cased")
-        return email
-
-
-class Money(TypeDecorator[Decimal]):
-    """A ``Decimal`` amount stored as whole cents in a BIGINT column.
-
-    Exact on every backend (SQLite has no exact decimal type), and the same
-    SQL everywhere. Floats and fractions of a cent are refused, not rounded.
-    """
-
-    impl = BigInteger
-    cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: Any) -> int | None:
-        return None if value is None else to_cents(value)
-
-    def process_result_value(self, value: Any, dialect: Any) -> Decimal | None:
-        return None if value is None else (Decimal(value) * CENT).quantize(CENT)
-
-
-def to_cents(amount: Decimal | int) -> int:
-    """``Decimal("12.34")`` -> 1234, exactly. Raises ``TypeError`` for float,
-    ``ValueError`` for a fraction of a cent (however far down), NaN, infinity,
-    or more than a BIGINT of cents.
-
-    Integer arithmetic on the digits: ``Decimal`` arithmetic would first round
-    to 28 digits, so 12.3400000000000000000000000001 would pass as 12.34.
-    """
-    if isinstance(amount, bool) or not isinstance(amount, (Decimal, int)):
-        raise TypeError(f"money must be Decimal or int, not {type(amount).__name__}")
-    amount = Decimal(amount)
-    if not amount.is_finite():
-        raise ValueError(f"{amount} is not a finite amount of money")
-    if not amount:
-        return 0
-    if amount.adjusted() > 17:
-        raise ValueError(f"{amount} is too large an amount of money")
-    sign, digits, exponent = amount.as_tuple()
-    coefficient, shift = int("".join(map(str, digits))), int(exponent) + 2
-    if shift >= 0:
-        cents = coefficient * 10**shift
-    elif -shift > len(digits) or coefficient % 10**-shift:
-        raise ValueError(f"{amount} is not a whole number of cents")
-    else:
-        cents = coefficient // 10**-shift
-    if cents > MAX_CENTS:
-        raise ValueError(f"{amount} is too large an amount of money")
-    return -cents if sign else cents
+from .columns import (  # noqa: F401  (the kit's callers import these from models too)
+    CENT,
+    EMAIL_LENGTH,
+    EMAIL_PATTERN,
+    MAX_CENTS,
+    MAX_ID,
+    TABLE_OPTIONS,
+    TEXT_PATTERN,
+    Email,
+    ExactText,
+    Money,
+    canonical_email,
+    canonical_text,
+    checked_email,
+    checked_name,
+    to_cents,
+    version_column,
+    version_mapper_args,
+)
 
 
 class Team(AsyncAttrs, SQLModel, table=True):
@@ -196,18 +76,9 @@ class User(AsyncAttrs, UserBase, table=True):
     team_id: int | None = Field(
         default=None, foreign_key="team.id", ondelete="SET NULL", index=True
     )
-    # Optimistic locking: 1 for a new row (the ORM's default and the server's, so
-    # an INSERT written by hand agrees), and every ORM UPDATE sends
-    # ``SET version = n + 1 ... WHERE id = ? AND version = n``. No row matched:
-    # someone else changed (or deleted) it first, and the flush raises StaleDataError.
-    version: int = Field(default=1, sa_column_kwargs={"server_default": text("1")})
-
-    @declared_attr.directive
-    def __mapper_args__(cls) -> dict[str, Any]:
-        # SQLModel makes the Column after the class body runs: name it here, when
-        # the table exists. The ORM then counts versions itself.
-        return {"version_id_col": cls.__table__.c.version}
-
+    # Optimistic locking (columns.VersionMixin explains it), last of the columns.
+    version: int = version_column()
+    __mapper_args__ = declared_attr.directive(version_mapper_args)
     team: Team | None = Relationship(
         back_populates="members", sa_relationship_kwargs={"lazy": "raise"}
     )
@@ -260,17 +131,22 @@ class IdempotencyKey(SQLModel, table=True):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
+# The column types store canonical values whatever the path; these keep the Python
+# object equal to what the database holds after a flush (or a bulk insert).
 @event.listens_for(User, "before_insert")
 @event.listens_for(User, "before_update")
+def _canonical_email(_mapper: Any, _connection: Any, user: User) -> None:
+    email = user.email
+    if email is not None and (canonical := Email.canonical(email)) != email:
+        user.email = canonical  # an assignment is an attribute event: only when it changes
+
+
 @event.listens_for(Team, "before_insert")
 @event.listens_for(Team, "before_update")
-def _keep_objects_canonical(_mapper: Any, _connection: Any, target: Any) -> None:
-    # The column types store canonical values whatever the path; this keeps the
-    # Python object equal to what the database holds after a flush.
-    if isinstance(target, User) and target.email is not None:
-        target.email = Email.canonical(target.email)
-    elif isinstance(target, Team) and target.name is not None:
-        target.name = canonical_text(target.name)
+def _canonical_name(_mapper: Any, _connection: Any, team: Team) -> None:
+    name = team.name
+    if name is not None and (canonical := canonical_text(name)) != name:
+        team.name = canonical
 
 
 class _StrictInput(SQLModel):

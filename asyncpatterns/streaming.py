@@ -41,24 +41,32 @@ The stream reads in the session's transaction (begun if there is none, as any
 query does); ending it stays the caller's job (closing the session does it).
 It sees the table as it was when its query started, on every backend: other
 sessions write and commit meanwhile without waiting for it, unseen by it.
-Only ``models.py`` is needed beside this module (pandas for ``users_to_dataframes``).
+Every function takes a statement or a model: the exports write any table's
+columns (``export_csv(session, Product)``). The kit's users are one table they
+work on (``stream_users`` and the other seed names, thin wrappers at the end).
+Nothing else of the kit is needed beside this module (pandas for ``to_dataframes``).
 """
+
+from __future__ import annotations
 
 import csv
 import io
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from sqlalchemy import Select, event
+from sqlalchemy import Boolean, Float, Integer, Select, String, TypeDecorator, event
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection
-from sqlmodel import col, select
+from sqlmodel import SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .models import User
+if TYPE_CHECKING:
+    from .models import User
 
+M = TypeVar("M", bound=SQLModel)
 CHUNK_SIZE = 1000  # rows per fetch: memory held at once, and round trips on PostgreSQL
-CSV_COLUMNS = ("id", "name", "email", "is_active", "team_id")
+CSV_COLUMNS = ("id", "name", "email", "is_active", "team_id")  # the users' export
 # A spreadsheet runs a cell starting with one of these as a formula (CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -100,15 +108,17 @@ async def stream_scalars(
         yield _Items(chunks)
 
 
-def stream_users(
-    session: AsyncSession, chunk_size: int = CHUNK_SIZE
-) -> AbstractAsyncContextManager[AsyncIterator[User]]:
-    """Every user, in id order, as ``User`` objects, ``chunk_size`` in memory at a time::
+def stream_all(
+    session: AsyncSession, model: type[M], chunk_size: int = CHUNK_SIZE
+) -> AbstractAsyncContextManager[AsyncIterator[M]]:
+    """Every row of ``model``, in primary-key order, ``chunk_size`` objects in memory
+    at a time::
 
-    async with stream_users(session) as users:
-        async for user in users: ...
+    async with stream_all(session, Product) as products:
+        async for product in products: ...
     """
-    return stream_scalars(session, select(User).order_by(col(User.id)), chunk_size)
+    statement = select(model).order_by(*sa_inspect(model).primary_key)
+    return stream_scalars(session, statement, chunk_size)
 
 
 class _Chunks:
@@ -119,7 +129,7 @@ class _Chunks:
         self.open = True  # the stream's block has not ended
         self.done = False  # every row was read
 
-    def __aiter__(self) -> "_Chunks":
+    def __aiter__(self) -> _Chunks:
         return self
 
     async def __anext__(self) -> Sequence[Any]:
@@ -158,7 +168,7 @@ class _Items:
         self.buffer: Sequence[Any] = ()
         self.position = 0
 
-    def __aiter__(self) -> "_Items":
+    def __aiter__(self) -> _Items:
         return self
 
     async def __anext__(self) -> Any:
@@ -240,33 +250,130 @@ def csv_text(rows: Iterable[Sequence[Any]], neutralize_formulas: bool = True) ->
     return buffer.getvalue()
 
 
-def users_export_statement() -> Select[Any]:
-    """The export's query: the CSV columns of every user, in id order."""
-    return select(*(getattr(User, name) for name in CSV_COLUMNS)).order_by(col(User.id))
+def export_statement(model: type[SQLModel], columns: Sequence[str] | None = None) -> Select[Any]:
+    """An export's query: ``columns`` (default: every column) of every row, in
+    primary-key order."""
+    mapper = sa_inspect(model)
+    names = list(columns) if columns is not None else [a.key for a in mapper.column_attrs]
+    return select(*(getattr(model, name) for name in names)).order_by(*mapper.primary_key)
 
 
-async def export_users_csv(
-    session: AsyncSession, chunk_size: int = CHUNK_SIZE, neutralize_formulas: bool = True
+def _header(statement: Select[Any]) -> str:
+    return csv_text([[column.key for column in statement.selected_columns]])
+
+
+async def export_csv(
+    session: AsyncSession,
+    model: type[SQLModel] | Select[Any],
+    chunk_size: int = CHUNK_SIZE,
+    neutralize_formulas: bool = True,
 ) -> AsyncIterator[str]:
-    """The user table as CSV text, one chunk of ``chunk_size`` rows per item.
+    """A table (a model: every column; or an ``export_statement``) as CSV text, one
+    chunk of ``chunk_size`` rows per item.
 
     The first item is the header together with the first rows (the query has
     run by then: a failure to connect comes before anything is sent); an
     empty table gives the header alone. Close it when you stop early::
 
-        async with contextlib.aclosing(export_users_csv(session)) as chunks:
+        async with contextlib.aclosing(export_csv(session, Product)) as chunks:
             async for text in chunks: ...
 
     ``neutralize_formulas``: see ``csv_cell`` (on by default: exports are
     opened in spreadsheets; turn it off for machine-to-machine exports).
     """
-    header = csv_text([CSV_COLUMNS])
-    async with stream_rows(session, users_export_statement(), chunk_size) as chunks:
+    statement = model if isinstance(model, Select) else export_statement(model)
+    header = _header(statement)
+    async with stream_rows(session, statement, chunk_size) as chunks:
         async for chunk in chunks:
             yield header + csv_text(chunk, neutralize_formulas)
             header = ""
     if header:
         yield header
+
+
+async def write_csv(
+    session: AsyncSession,
+    model: type[SQLModel] | Select[Any],
+    file: TextIO,
+    chunk_size: int = CHUNK_SIZE,
+    neutralize_formulas: bool = True,
+) -> int:
+    """Write a table as CSV to ``file`` (opened with ``newline=""``), chunk by chunk;
+    returns the number of rows written."""
+    statement = model if isinstance(model, Select) else export_statement(model)
+    file.write(_header(statement))
+    rows = 0
+    async with stream_rows(session, statement, chunk_size) as chunks:
+        async for chunk in chunks:
+            file.write(csv_text(chunk, neutralize_formulas))
+            rows += len(chunk)
+    return rows
+
+
+async def to_dataframes(
+    session: AsyncSession, model: type[SQLModel] | Select[Any], chunk_size: int = 10_000
+) -> AsyncIterator[Any]:
+    """A table as pandas DataFrames of at most ``chunk_size`` rows, in key order.
+
+    Every frame has the same columns and dtypes, taken from the column types
+    (a nullable integer is ``Int64``, text ``string``), so they can be processed
+    one by one, or written out (``frame.to_parquet``, ``to_csv(mode="a")``)
+    without holding the table. Close it with ``contextlib.aclosing`` when you
+    stop early.
+    """
+    import pandas as pd  # only this function needs pandas
+
+    statement = model if isinstance(model, Select) else export_statement(model)
+    columns = list(statement.selected_columns)
+    dtypes = {column.key: _dtype(column) for column in columns}
+    async with stream_rows(session, statement, chunk_size) as chunks:
+        async for chunk in chunks:
+            frame = pd.DataFrame.from_records(chunk, columns=list(dtypes))
+            yield frame.astype(dtypes)
+
+
+def _dtype(column: Any) -> str:
+    """The pandas dtype of a column: nullable ones (``Int64``, ``boolean``) where NULL can be."""
+    kind = column.type
+    if isinstance(kind, TypeDecorator):
+        kind = kind.impl_instance
+    nullable = getattr(column, "nullable", True) and not getattr(column, "primary_key", False)
+    for sql_type, exact, with_null in (
+        (Boolean, "bool", "boolean"),
+        (Integer, "int64", "Int64"),
+        (Float, "float64", "Float64"),
+    ):
+        if isinstance(kind, sql_type):
+            return with_null if nullable else exact
+    return "string" if isinstance(kind, String) else "object"
+
+
+# -- The kit's users, under the seed's names: thin wrappers -----------------------------
+# Each imports the kit's models when called: copy this file without models.py and
+# they simply go unused.
+
+
+def stream_users(
+    session: AsyncSession, chunk_size: int = CHUNK_SIZE
+) -> AbstractAsyncContextManager[AsyncIterator[User]]:
+    """Every user, in id order, ``chunk_size`` in memory at a time (``stream_all``)."""
+    from .models import User
+
+    return stream_all(session, User, chunk_size)
+
+
+def users_export_statement() -> Select[Any]:
+    """The users' export: id, name, email, is_active, team_id, in id order."""
+    from .models import User
+
+    return export_statement(User, CSV_COLUMNS)
+
+
+def export_users_csv(
+    session: AsyncSession, chunk_size: int = CHUNK_SIZE, neutralize_formulas: bool = True
+) -> AsyncIterator[str]:
+    """The user table as CSV (``export_csv``)."""
+    return export_csv(session, users_export_statement(), chunk_size, neutralize_formulas)
 
 
 async def write_users_csv(
@@ -275,38 +382,10 @@ async def write_users_csv(
     chunk_size: int = CHUNK_SIZE,
     neutralize_formulas: bool = True,
 ) -> int:
-    """Write the user table as CSV to ``file`` (opened with ``newline=""``), chunk by
-    chunk; returns the number of rows written."""
-    header = csv_text([CSV_COLUMNS])
-    file.write(header)
-    rows = 0
-    async with stream_rows(session, users_export_statement(), chunk_size) as chunks:
-        async for chunk in chunks:
-            file.write(csv_text(chunk, neutralize_formulas))
-            rows += len(chunk)
-    return rows
+    """Write the user table as CSV to ``file`` (``write_csv``)."""
+    return await write_csv(session, users_export_statement(), file, chunk_size, neutralize_formulas)
 
 
-async def users_to_dataframes(
-    session: AsyncSession, chunk_size: int = 10_000
-) -> AsyncIterator[Any]:
-    """The user table as pandas DataFrames of at most ``chunk_size`` rows, in id order.
-
-    Every frame has the same columns and dtypes (``team_id`` is a nullable
-    ``Int64``), so they can be processed one by one, or written out
-    (``frame.to_parquet``, ``to_csv(mode="a")``) without holding the table.
-    Close it with ``contextlib.aclosing`` when you stop early.
-    """
-    import pandas as pd  # only this function needs pandas
-
-    dtypes = {
-        "id": "int64",
-        "name": "string",
-        "email": "string",
-        "is_active": "bool",
-        "team_id": "Int64",
-    }
-    async with stream_rows(session, users_export_statement(), chunk_size) as chunks:
-        async for chunk in chunks:
-            frame = pd.DataFrame.from_records(chunk, columns=list(CSV_COLUMNS))
-            yield frame.astype(dtypes)
+def users_to_dataframes(session: AsyncSession, chunk_size: int = 10_000) -> AsyncIterator[Any]:
+    """The user table as pandas DataFrames (``to_dataframes``)."""
+    return to_dataframes(session, users_export_statement(), chunk_size)

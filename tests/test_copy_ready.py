@@ -366,7 +366,7 @@ async def main():
         ada = await crud.create_user(session, User(name="Ada", email="ada@example.com"))
         tag = locking.etag(ada)
         assert tag == f'"user-{ada.id}-v1"'
-        assert locking.parse_if_match(tag).versions(ada.id) == {1}
+        assert locking.parse_if_match(tag).versions(User, ada.id) == {1}
         changed = await locking.update_user_if_match(session, ada.id, {"name": "A"}, tag)
         assert changed.version == 2
         try:

@@ -56,5 +56,5 @@ async def test_copy_users_of_nothing_sends_nothing(session) -> None:
 async def test_copy_users_refuses_other_backends(session, backend) -> None:
     if backend == "postgresql":
         pytest.skip("this is the other backends' case")
-    with pytest.raises(NotImplementedError, match="create_users"):
+    with pytest.raises(NotImplementedError, match="create_many"):
         await crud.copy_users(session, make_users(2))

@@ -2,10 +2,18 @@ import asyncio
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import inspect
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import select
 
-from asyncpatterns import crud
-from asyncpatterns.db import make_session_maker
+from asyncpatterns import crud, relationships
+from asyncpatterns.db import (
+    constraint_error,
+    error_code,
+    is_connection_lost,
+    is_retryable,
+    make_session_maker,
+)
 from asyncpatterns.models import User, UserCreate, UserUpdate
 from asyncpatterns.sqlwatch import watch_sql
 
@@ -259,3 +267,78 @@ async def test_100000_ids_or_rows_work_on_every_backend(engine) -> None:
         assert len(set(ids)) == 100_000
         assert await crud.deactivate_users(session, ids + [10**9]) == 100_000
         assert await crud.delete_inactive_users(session) == 100_000
+
+
+# -- Defects an adversarial review found (each test failed before its fix) -------------
+
+
+async def test_a_failed_create_users_gives_the_users_back_to_fix_and_retry(engine) -> None:
+    """A duplicate anywhere: the objects come back transient with their values, as after a
+    failed create_user (they were detached and expired: reading one raised)."""
+    async with make_session_maker(engine)() as session:
+        await crud.create_user(session, User(name="Taken", email="taken@example.com"))
+        users = [User(name="A", email="a@example.com"), User(name="B", email="Taken@Example.com")]
+        with pytest.raises(crud.DuplicateEmailError):
+            await crud.create_users(session, users)
+        assert all(inspect(u).transient for u in users)
+        assert [(u.name, u.email, u.id) for u in users] == [
+            ("A", "a@example.com", None),
+            ("B", "taken@example.com", None),
+        ]
+        users[1].email = "b@example.com"
+        assert all(u.id for u in await crud.create_users(session, users))
+        assert await crud.count_users(session) == 3
+
+
+async def test_users_of_a_rolled_back_callers_transaction_come_back_transient(engine) -> None:
+    async with make_session_maker(engine)() as session:
+        users = make_users(3)
+        async with session.begin():
+            await crud.create_users(session, users)
+            await session.rollback()
+        assert [(u.email, u.id, u.version) for u in users][0] == ("user0@example.com", None, 1)
+        await crud.create_users(session, users)  # as they were: ready to send again
+        assert await crud.count_users(session) == 3
+
+
+async def test_numpy_and_pandas_scalars_are_stored_as_the_numbers_they_are(engine) -> None:
+    """sqlite3 binds numpy scalars as BLOBs (a team_id then matched no team, a boolean was
+    stored as 8 bytes): make_engine binds them as numbers, as asyncpg and aiomysql do."""
+    np = pytest.importorskip("numpy")
+    async with make_session_maker(engine)() as session:
+        team = await relationships.create_team(session, "Arrays")
+        one = await crud.create_user(
+            session,
+            User(
+                name="N",
+                email="n@example.com",
+                team_id=np.int64(team.id),
+                is_active=np.bool_(False),
+            ),
+        )
+        many = await crud.create_users(
+            session, [User(name="M", email="m@example.com", team_id=np.int32(team.id))]
+        )
+        assert await crud.get_user(session, np.int64(one.id)) is one
+    async with make_session_maker(engine)() as session:
+        loaded = await relationships.get_team_with_members(session, team.id)
+        assert [(u.email, u.is_active) for u in loaded.members] == [
+            ("n@example.com", False),
+            ("m@example.com", True),
+        ]
+        stored = (await session.exec(select(User.team_id).where(User.id == many[0].id))).one()
+        assert type(stored) is int
+
+
+async def test_a_value_no_driver_can_bind_classifies_or_passes_through(session, backend) -> None:
+    """sqlite3's ProgrammingError carries no error code: classifying it raised AttributeError.
+    Every backend's answer to an unbindable value must classify (or be nothing) without raising."""
+    try:
+        found = await crud.get_user(session, object())
+    except DBAPIError as exc:
+        code = error_code(exc)
+        assert code is None if backend == "sqlite" else code == ("postgresql", "22000")
+        assert not (is_retryable(exc) or is_connection_lost(exc))
+        assert constraint_error(exc, User) is None
+    else:  # pymysql sends the object's text: an id nothing has
+        assert (backend, found) == ("mysql", None)

@@ -232,7 +232,7 @@ def test_etag_is_strong_and_names_user_and_version() -> None:
     ],
 )
 def test_parse_if_match(value: str, versions: set[int] | None) -> None:
-    assert locking.parse_if_match(value).versions(5) == versions
+    assert locking.parse_if_match(value).versions(User, 5) == versions
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ import pytest
 from sqlalchemy import delete, event, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import await_
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -835,6 +836,55 @@ async def test_crud_answers_a_team_deleted_meanwhile_as_not_found(engine, layer,
     assert answer.kind == TEAM_GONE
     world = await observe(engine)
     assert world.users_named("S2") == [] and world.users[rows.b]["team_id"] is None
+
+
+@pytest.mark.parametrize("joiner", ["update_user", "move_member"])
+async def test_a_team_deleted_while_a_user_joins_gives_the_user_a_new_version(
+    engine, joiner: str
+) -> None:
+    """s1 deletes team T; between its statements -- just before its DELETE, when the
+    foreign key's ON DELETE SET NULL would act on its own -- s2 moves user b into T
+    and tries to commit (waiting at most 1 s). Whatever the order, what s2 answered
+    must still describe b, or b must have a newer version: a client holding s2's
+    ETag must not write over a team_id it never saw. (On PostgreSQL and MariaDB s2
+    committed in that gap and the SET NULL cleared its team without a new version;
+    s1 now locks T first, so s2 waits and finds T gone.)"""
+    rows = await seed(engine)
+    sessions = make_session_maker(engine)
+
+    async def join() -> User | None:
+        async with sessions() as s2:
+            if joiner == "move_member":
+                return await relationships.move_member(s2, rows.b, rows.team)
+            return await crud.update_user(s2, rows.b, {"team_id": rows.team})
+
+    joined: list[asyncio.Task[User | None]] = []
+    deleter: list[asyncio.Task[bool]] = []
+
+    def before_statement(_conn, _cursor, statement: str, *_args) -> None:
+        deleting = statement.lstrip().upper().startswith(("DELETE FROM TEAM", 'DELETE FROM "TEAM"'))
+        if deleting and deleter and asyncio.current_task() is deleter[0] and not joined:
+            joined.append(asyncio.get_running_loop().create_task(join()))
+            await_(asyncio.wait(joined, timeout=1.0))  # s2 commits, or waits for s1
+
+    async def delete_it() -> bool:
+        async with sessions() as s1:
+            return await relationships.delete_team(s1, rows.team)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before_statement)
+    try:
+        deleter.append(asyncio.get_running_loop().create_task(delete_it()))
+        assert await asyncio.wait_for(deleter[0], STEP_TIMEOUT)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", before_statement)
+    answer = await capture(asyncio.wait_for(joined[0], STEP_TIMEOUT))
+    async with sessions() as session:
+        stored = await session.get(User, rows.b)
+    assert stored.team_id is None  # the team is gone
+    if isinstance(answer, LookupError):  # s2 waited for s1 and found T gone
+        assert str(answer) == f"Team {rows.team} not found" and stored.version == 1
+    else:  # s2 committed first: s1's delete changed b again, and says so
+        assert answer.team_id == rows.team and stored.version > answer.version
 
 
 async def test_a_reader_never_waits_for_a_writer(engine, layer: Layer) -> None:

@@ -491,3 +491,19 @@ async def test_values_that_are_not_text_are_value_errors(session, value) -> None
         await upsert_users(session, [User(name="Ada", email=value)])
     with pytest.raises(ValueError, match="text"):
         await get_or_create_team(session, value)
+
+
+async def test_users_of_a_rolled_back_upsert_come_back_transient_to_retry(engine) -> None:
+    """The caller's transaction rolls back after an upsert: the users passed in were left
+    detached and expired (reading one raised); they come back as they were given."""
+    async with make_session_maker(engine)() as session:
+        users = make_users(3)
+        async with session.begin():
+            await upsert_users(session, users)
+            await session.rollback()
+        assert all(sa_inspect(u).transient for u in users)
+        assert [(u.email, u.id) for u in users] == [
+            (f"user{i}@example.com", None) for i in range(3)
+        ]
+        assert len(await upsert_users(session, users)) == 3
+    assert len(await stored_users(engine)) == 3

@@ -1,0 +1,85 @@
+"""The database layer every pattern stands on: engines, units of work, errors.
+
+* ``engine.py`` -- ``make_engine`` (per-backend defaults: SQLite's foreign keys
+  and write lock, lock timeouts, pre-ping), ``make_session_maker``, tables,
+  throw-away databases for tests.
+* ``unit_of_work.py`` -- ``run_in_transaction``: whoever begins a transaction
+  ends it; ``session_scope``; ``lock_for_writing``.
+* ``attached.py`` -- rows written by Core statements, made known to the session.
+* ``errors.py`` -- what a database error means, from each backend's own code.
+* ``constraints.py`` -- a refused write, named from the table's constraints.
+
+Copy the whole folder (with ``config.py`` beside it): the pattern modules
+import it as ``.db``.
+"""
+
+from .attached import attach_inserted, changed_behind_the_orm
+from .constraints import (
+    AlreadyExistsError,
+    CheckFailedError,
+    ConstraintError,
+    MissingValueError,
+    ReferenceNotFoundError,
+    StillReferencedError,
+    constraint_error,
+    is_unique_violation,
+)
+from .engine import (
+    LOCK_TIMEOUT,
+    SERVER_POOL_DEFAULTS,
+    SQLITE_BEGIN,
+    create_db_and_tables,
+    drop_db_and_tables,
+    make_engine,
+    make_session_maker,
+    throwaway_database,
+)
+from .errors import (
+    CONNECTION_LOST_CODES,
+    LOCK_TIMEOUT_CODES,
+    RETRYABLE_CODES,
+    error_code,
+    is_connection_lost,
+    is_foreign_key_violation,
+    is_lock_timeout,
+    is_retryable,
+)
+from .unit_of_work import (
+    TransactionOwnershipError,
+    lock_for_writing,
+    run_in_transaction,
+    session_scope,
+)
+
+__all__ = [
+    "CONNECTION_LOST_CODES",
+    "LOCK_TIMEOUT",
+    "LOCK_TIMEOUT_CODES",
+    "RETRYABLE_CODES",
+    "SERVER_POOL_DEFAULTS",
+    "SQLITE_BEGIN",
+    "AlreadyExistsError",
+    "CheckFailedError",
+    "ConstraintError",
+    "MissingValueError",
+    "ReferenceNotFoundError",
+    "StillReferencedError",
+    "TransactionOwnershipError",
+    "attach_inserted",
+    "changed_behind_the_orm",
+    "constraint_error",
+    "create_db_and_tables",
+    "drop_db_and_tables",
+    "error_code",
+    "is_connection_lost",
+    "is_foreign_key_violation",
+    "is_lock_timeout",
+    "is_retryable",
+    "is_unique_violation",
+    "lock_for_writing",
+    "make_engine",
+    "make_session_maker",
+    "run_in_transaction",
+    "session_scope",
+    "throwaway_database",
+]

@@ -1,0 +1,249 @@
+"""Engines and sessions that behave the same on SQLite, PostgreSQL and MySQL/MariaDB.
+
+Use ``make_engine`` once per process (per event loop) and ``make_session_maker``
+to get sessions from it. What goes wrong with a plain ``create_async_engine``:
+
+* SQLite ignores foreign keys unless every connection turns them on, and its
+  driver opens transactions late, which breaks savepoints: here SQLAlchemy
+  emits BEGIN itself (``unit_of_work.lock_for_writing`` makes it IMMEDIATE).
+* A writer that waits for a lock forever takes a pooled connection with it:
+  a lock timeout is set on every backend (5 s by default).
+* A pooled connection the server has closed (restart, ``wait_timeout``) fails
+  the next query unless the pool pre-pings it.
+* sqlite3 stores a numpy or pandas scalar (``numpy.int64``, ``numpy.bool_``)
+  as a BLOB, silently: the row then matches no foreign key and no ``WHERE``.
+  Here they are bound as the Python numbers they are, as asyncpg and aiomysql
+  bind them.
+* ``expire_on_commit=True`` (SQLAlchemy's default) makes every attribute access
+  after ``commit()`` a lazy load, which async sessions cannot do implicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sqlite3
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from ..config import ConfigurationError, DatabaseUnavailableError, mask_password, resolve_url
+
+# Server backends: keep a few connections, test each before use, and replace
+# them before MySQL's wait_timeout (8 h by default) or a proxy's idle cut-off.
+SERVER_POOL_DEFAULTS: dict[str, Any] = {
+    "pool_size": 5,
+    "max_overflow": 10,
+    "pool_timeout": 30,
+    "pool_recycle": 1800,
+    "pool_pre_ping": True,
+}
+
+# Seconds a statement waits for a row lock (SQLite: for the write lock) before failing.
+LOCK_TIMEOUT = 5.0
+
+# The options above that every pool class accepts (the others size a QueuePool).
+_ANY_POOL_OPTIONS = ("pool_recycle", "pool_pre_ping")
+
+_INSTALL_HINT = 'pip install sqlmodel "sqlalchemy[asyncio]" aiosqlite asyncpg aiomysql'
+
+# Execution option read by the SQLite BEGIN listener: "IMMEDIATE" takes the write lock.
+SQLITE_BEGIN = "asyncpatterns_sqlite_begin"
+
+
+def make_engine(
+    url: str | URL | None = None, *, lock_timeout: float | None = LOCK_TIMEOUT, **options: Any
+) -> AsyncEngine:
+    """Create an async engine with the kit's per-backend defaults.
+
+    ``url`` falls back to ``$DATABASE_URL``, then to an embedded SQLite file.
+    ``lock_timeout`` (seconds, ``None`` for the server's own default) bounds
+    every wait for a lock: PostgreSQL ``lock_timeout``, MySQL
+    ``innodb_lock_wait_timeout``, SQLite ``busy_timeout``. ``options`` go to
+    ``create_async_engine`` and override the defaults.
+    """
+    resolved = resolve_url(url)
+    backend = resolved.get_backend_name()
+    if backend == "mysql" and "charset" not in resolved.query:
+        resolved = resolved.update_query_dict({"charset": "utf8mb4"})
+    defaults: dict[str, Any] = {} if backend == "sqlite" else dict(SERVER_POOL_DEFAULTS)
+    if backend == "sqlite" and resolved.database in (None, "", ":memory:"):
+        # Each connection to :memory: is a new, empty database. One connection,
+        # handed to one session at a time: the others wait for it (StaticPool
+        # would hand the same connection to every session at once).
+        defaults = {"poolclass": AsyncAdaptedQueuePool, "pool_size": 1, "max_overflow": 0}
+    if not issubclass(options.get("poolclass", QueuePool), QueuePool):
+        # NullPool, StaticPool...: no pool to size; keep pre-ping and recycle.
+        defaults = {k: v for k, v in defaults.items() if k in _ANY_POOL_OPTIONS}
+    if lock_timeout is not None and backend != "sqlite":
+        connect_args = _lock_timeout_connect_args(backend, lock_timeout)
+        for key, value in options.get("connect_args", {}).items():
+            if isinstance(value, dict) and isinstance(connect_args.get(key), dict):
+                value = {**connect_args[key], **value}
+            connect_args[key] = value
+        options = {**options, "connect_args": connect_args}
+    try:
+        engine = create_async_engine(resolved, **{**defaults, **options})
+    except (ModuleNotFoundError, NoSuchModuleError) as exc:
+        raise ConfigurationError(
+            f"The driver for {mask_password(resolved)} is not installed ({exc}); "
+            f"use one of sqlite+aiosqlite, postgresql+asyncpg, mysql+aiomysql "
+            f"({_INSTALL_HINT})"
+        ) from None
+    if backend == "sqlite":
+        busy_ms = 0 if lock_timeout is None else int(lock_timeout * 1000)
+        _configure_sqlite(engine, busy_ms, options.get("isolation_level") == "AUTOCOMMIT")
+    _report_unreachable_server(engine)
+    return engine
+
+
+def _lock_timeout_connect_args(backend: str, seconds: float) -> dict[str, Any]:
+    if backend == "postgresql":  # asyncpg sends these when it connects
+        return {"server_settings": {"lock_timeout": str(int(seconds * 1000))}}
+    # aiomysql runs this on every new connection (whole seconds, at least 1)
+    return {"init_command": f"SET SESSION innodb_lock_wait_timeout = {max(1, round(seconds))}"}
+
+
+def _configure_sqlite(engine: AsyncEngine, busy_ms: int, autocommit_engine: bool) -> None:
+    """Foreign keys on, a busy timeout, WAL for files, and BEGIN emitted by us."""
+    _bind_numpy_scalars_as_numbers()
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when a transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        if engine.url.database not in (None, "", ":memory:"):
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # An isolation_level execution option hands BEGIN back to sqlite3 until
+        # the connection is returned; take it back for the next checkout.
+        if dbapi_connection.isolation_level is not None:
+            dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        level = connection.get_execution_options().get("isolation_level")
+        if level == "AUTOCOMMIT" or (level is None and autocommit_engine):
+            return  # autocommit asked for: every statement commits on its own
+        mode = connection.get_execution_options().get(SQLITE_BEGIN, "")
+        connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def _bind_numpy_scalars_as_numbers() -> None:
+    """numpy scalars support the buffer protocol, so sqlite3 binds them as BLOBs.
+    Bind them as Python's int, float and bool instead (sqlite3's adapters are
+    process-wide; registering them again is harmless). Nothing to do without numpy."""
+    if importlib.util.find_spec("numpy") is None:
+        return
+    import numpy as np
+
+    for scalar in set(np.sctypeDict.values()):
+        if issubclass(scalar, np.bool_):
+            sqlite3.register_adapter(scalar, bool)
+        elif issubclass(scalar, np.integer) and not issubclass(scalar, np.timedelta64):
+            sqlite3.register_adapter(scalar, int)
+        elif issubclass(scalar, np.floating) and not issubclass(scalar, float):
+            sqlite3.register_adapter(scalar, float)
+
+
+def _report_unreachable_server(engine: AsyncEngine) -> None:
+    """Turn a failure to connect into one line: masked URL, reason, what to do."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except (OSError, TimeoutError, dialect.loaded_dbapi.Error) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DatabaseUnavailableError(
+                f"Cannot connect to {mask_password(engine.url)}: {reason}. "
+                f"{_what_to_do(engine.url, exc)}"
+            ) from exc
+
+
+def _what_to_do(url: URL, exc: BaseException) -> str:
+    """The hint that fits the failure: credentials, database, folder, or server."""
+    code = getattr(exc, "sqlstate", None) if url.get_backend_name() == "postgresql" else None
+    errno = exc.args[0] if url.get_backend_name() == "mysql" and exc.args else None
+    if code in ("28P01", "28000") or errno in (1045, 1698):
+        return "Check the user name and password in the URL."
+    if code == "3D000" or errno == 1049:
+        return f"Create it first (CREATE DATABASE {url.database}), or name an existing one."
+    if url.get_backend_name() == "sqlite":
+        folder = Path(url.database or ".").parent
+        if not folder.exists():
+            return f"The folder {folder} does not exist: create it, or use a path in another one."
+        return f"Check that {url.database} can be created and written there (permissions)."
+    return "Start the server (see the README) or set DATABASE_URL to a reachable database."
+
+
+def make_session_maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded attributes after commit (no implicit lazy reload)."""
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+async def create_db_and_tables(engine: AsyncEngine, metadata: MetaData | None = None) -> None:
+    """Create the missing tables of ``metadata``: by default every imported
+    SQLModel with ``table=True`` (``SQLModel.metadata``)."""
+    async with engine.begin() as conn:
+        await conn.run_sync((metadata or SQLModel.metadata).create_all)
+
+
+async def drop_db_and_tables(engine: AsyncEngine, metadata: MetaData | None = None) -> None:
+    """Drop the tables of ``metadata`` (default: ``SQLModel.metadata``)."""
+    async with engine.begin() as conn:
+        await conn.run_sync((metadata or SQLModel.metadata).drop_all)
+
+
+@asynccontextmanager
+async def throwaway_database(
+    url: str | URL, prefix: str = "asyncpatterns_scratch"
+) -> AsyncIterator[URL]:
+    """A uniquely named, empty database beside ``url``, dropped afterwards.
+
+    On a server: ``CREATE DATABASE`` on the same server (the user needs that
+    privilege). On SQLite: a file in a temporary folder next to ``url``'s file.
+    Tests, benchmarks and demos use it so they never touch anyone's data.
+    """
+    resolved = resolve_url(url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    if resolved.get_backend_name() == "sqlite":
+        database = resolved.database
+        folder = None if database in (None, "", ":memory:") else Path(database).parent
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir=folder) as scratch:
+            yield resolved.set(database=str(Path(scratch) / f"{name}.db"))
+        return
+    admin = make_engine(resolved, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            try:
+                await conn.execute(text(f"CREATE DATABASE {name}"))
+            except DBAPIError as exc:
+                raise ConfigurationError(
+                    f"Could not create a scratch database on {mask_password(resolved)} "
+                    f"({str(exc.orig).splitlines()[0]}); use a user allowed to CREATE DATABASE"
+                ) from None
+        try:
+            yield resolved.set(database=name)
+        finally:
+            force = " WITH (FORCE)" if resolved.get_backend_name() == "postgresql" else ""
+            async with admin.connect() as conn:
+                await conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
+    finally:
+        await admin.dispose()
