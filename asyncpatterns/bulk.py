@@ -23,16 +23,20 @@ transaction, or join the one you began.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
-from sqlmodel import SQLModel
+from sqlalchemy.orm.exc import UnmappedClassError
+from sqlmodel import SQLModel, col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .db import constraint_error, run_in_transaction
+from .db import AlreadyExistsError, ReferenceNotFoundError, constraint_error, run_in_transaction
 from .multirow import CHUNK, insert_objects, make_plan, one_model, prepare, server_made
+
+if TYPE_CHECKING:
+    from .models import User
 
 M = TypeVar("M", bound=SQLModel)
 
@@ -167,6 +171,16 @@ def _key_parts(model: type[SQLModel], keys: Sequence[Any] | None) -> list[list[A
     return [[primary[0].in_(keys[i : i + CHUNK])] for i in range(0, len(keys), CHUNK)]
 
 
+def _mappers(model: type[SQLModel]) -> list[Any]:
+    """The mappers of ``model``'s registry. A class whose mapping failed (a table
+    declared twice, say in a notebook cell) stays registered without one: skipped."""
+    registry = sa_inspect(model).registry
+    try:
+        return list(registry.mappers)
+    except UnmappedClassError:
+        return [manager.mapper for manager in registry._managers if manager.is_mapped]
+
+
 async def release_referrers(session: AsyncSession, model: type[SQLModel], where: list[Any]) -> None:
     """Before deleting the rows of ``model`` that match ``where``: lock them, then
     set to NULL, with a new version, the foreign keys of versioned rows that point
@@ -175,7 +189,7 @@ async def release_referrers(session: AsyncSession, model: type[SQLModel], where:
     primary = list(sa_inspect(model).primary_key)
     referrers = [
         (mapper, key)
-        for mapper in sa_inspect(model).registry.mappers
+        for mapper in _mappers(model)
         if mapper.version_id_col is not None
         for key in mapper.local_table.foreign_keys
         if key.column.table is table and (key.ondelete or "").upper() == "SET NULL"
@@ -196,3 +210,59 @@ async def release_referrers(session: AsyncSession, model: type[SQLModel], where:
                 .values({pointer: None, version: getattr(mapper.class_, version) + 1})
             )
             await session.exec(statement)
+
+
+# -- The kit's User, under the seed's names: thin wrappers -----------------------------
+# Each imports the kit's models when called: copy this file without models.py and
+# they simply go unused. crud.py imports them, so crud.create_users works too.
+
+
+class DuplicateEmailError(AlreadyExistsError):
+    """Another user already has this email."""
+
+    def __init__(self, email: str | None) -> None:
+        super().__init__(
+            "User", "user", None, ("email",), {} if email is None else {"email": email}
+        )
+        self.args = (f"Email already registered: {email or 'one of the emails given'}",)
+        self.email = email
+
+
+def user_refusal(exc: Exception, team_id: int | None) -> Exception:
+    """A refused write of a user, as the seed's callers know it: a taken email is
+    ``DuplicateEmailError``, a team that does not exist ``LookupError("Team N not found")``."""
+    if isinstance(exc, AlreadyExistsError) and exc.columns == ("email",):
+        return DuplicateEmailError(exc.values.get("email"))
+    if isinstance(exc, ReferenceNotFoundError):  # team_id is the user's only foreign key
+        return LookupError(f"Team {team_id} not found")
+    return exc
+
+
+async def create_users(session: AsyncSession, users: Sequence[User]) -> list[User]:
+    """``bulk.create_many`` of users: all or nothing, ``DuplicateEmailError`` for a
+    taken email (in a batch, "one of the emails given")."""
+    try:
+        return await create_many(session, users)
+    except (AlreadyExistsError, ReferenceNotFoundError) as exc:
+        raise user_refusal(exc, users[0].team_id if len(users) == 1 else None) from None
+
+
+async def copy_users(session: AsyncSession, users: Sequence[User]) -> int:
+    """``bulk.copy_many`` of users (PostgreSQL's COPY: no ids come back)."""
+    return await copy_many(session, users)
+
+
+async def deactivate_users(session: AsyncSession, user_ids: Sequence[int]) -> int:
+    """Mark users inactive; returns how many were active before. One UPDATE per 1,000 ids."""
+    from .models import User
+
+    return await update_where(
+        session, User, {"is_active": False}, col(User.is_active).is_(True), keys=user_ids
+    )
+
+
+async def delete_inactive_users(session: AsyncSession) -> int:
+    """Delete every inactive user in one statement; returns how many."""
+    from .models import User
+
+    return await delete_where(session, User, col(User.is_active).is_(False))

@@ -36,17 +36,23 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm.exc import StaleDataError
-from sqlmodel import SQLModel, col, select
+from sqlmodel import SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .bulk import (
+from .bulk import (  # noqa: F401  (the seed's bulk names live in bulk.py, and are crud's too)
+    DuplicateEmailError,
     column_values,
     copy_many,
+    copy_users,
     create_many,
+    create_users,
+    deactivate_users,
+    delete_inactive_users,
     delete_where,
     refused,
     release_referrers,
     update_where,
+    user_refusal,
 )
 from .db import AlreadyExistsError, ReferenceNotFoundError, run_in_transaction
 
@@ -108,16 +114,23 @@ async def get_by(session: AsyncSession, model: type[M], **values: Any) -> M | No
     """The row whose unique key has these values (``get_by(s, Product, sku="A-1")``,
     several for a composite key), or None. ``ValueError`` unless the columns named
     are exactly one of the table's unique keys: otherwise "the" row is not one."""
-    table = sa_inspect(model).local_table
-    keys = [set(c.columns.keys()) for c in table.constraints if isinstance(c, _UNIQUE)]
-    keys += [set(index.columns.keys()) for index in table.indexes if index.unique]
-    if set(values) not in keys:
-        raise ValueError(f"{model.__name__} has no unique key on ({', '.join(values)})")
+    unique_key(model, list(values))
     statement = select(model).where(*(getattr(model, k) == v for k, v in values.items()))
     return (await session.exec(statement)).first()
 
 
-_UNIQUE = (sa.PrimaryKeyConstraint, sa.UniqueConstraint)
+def unique_key(model: type[SQLModel], names: Sequence[str]) -> list[Any]:
+    """The columns of ``model``'s unique key (or primary key) named by these attributes;
+    ``ValueError`` if no unique key of the table is exactly these columns."""
+    mapper = sa_inspect(model)
+    columns = [mapper.attrs[name].columns[0] for name in names if name in mapper.column_attrs]
+    table = mapper.local_table
+    unique = (sa.PrimaryKeyConstraint, sa.UniqueConstraint)
+    keys = [set(c.columns) for c in table.constraints if isinstance(c, unique)]
+    keys += [set(index.columns) for index in table.indexes if index.unique]
+    if len(columns) != len(names) or set(columns) not in keys:
+        raise ValueError(f"{model.__name__} has no unique key on ({', '.join(names)})")
+    return columns
 
 
 async def list_page(
@@ -306,28 +319,7 @@ async def delete(
 
 # -- The kit's User, under the seed's names: thin wrappers -----------------------------
 # Each imports the kit's models when called: copy this file without models.py and
-# they simply go unused.
-
-
-class DuplicateEmailError(AlreadyExistsError):
-    """Another user already has this email."""
-
-    def __init__(self, email: str | None) -> None:
-        super().__init__(
-            "User", "user", None, ("email",), {} if email is None else {"email": email}
-        )
-        self.args = (f"Email already registered: {email or 'one of the emails given'}",)
-        self.email = email
-
-
-def user_refusal(exc: Exception, team_id: int | None) -> Exception:
-    """A refused write of a user, as the seed's callers know it: a taken email is
-    ``DuplicateEmailError``, a team that does not exist ``LookupError("Team N not found")``."""
-    if isinstance(exc, AlreadyExistsError) and exc.columns == ("email",):
-        return DuplicateEmailError(exc.values.get("email"))
-    if isinstance(exc, ReferenceNotFoundError):  # team_id is the user's only foreign key
-        return LookupError(f"Team {team_id} not found")
-    return exc
+# they simply go unused. (create_users and the other bulk ones are in bulk.py.)
 
 
 async def create_user(session: AsyncSession, user: User) -> User:
@@ -337,20 +329,6 @@ async def create_user(session: AsyncSession, user: User) -> User:
         return await create(session, user)
     except (AlreadyExistsError, ReferenceNotFoundError) as exc:
         raise user_refusal(exc, user.team_id) from None
-
-
-async def create_users(session: AsyncSession, users: Sequence[User]) -> list[User]:
-    """``bulk.create_many`` of users: all or nothing, ``DuplicateEmailError`` for a
-    taken email (in a batch, "one of the emails given")."""
-    try:
-        return await create_many(session, users)
-    except (AlreadyExistsError, ReferenceNotFoundError) as exc:
-        raise user_refusal(exc, users[0].team_id if len(users) == 1 else None) from None
-
-
-async def copy_users(session: AsyncSession, users: Sequence[User]) -> int:
-    """``bulk.copy_many`` of users (PostgreSQL's COPY: no ids come back)."""
-    return await copy_many(session, users)
 
 
 async def get_user(session: AsyncSession, user_id: int) -> User | None:
@@ -401,15 +379,6 @@ async def update_user(
         raise user_refusal(exc, team_id) from None
 
 
-async def deactivate_users(session: AsyncSession, user_ids: Sequence[int]) -> int:
-    """Mark users inactive; returns how many were active before. One UPDATE per 1,000 ids."""
-    from .models import User
-
-    return await update_where(
-        session, User, {"is_active": False}, col(User.is_active).is_(True), keys=user_ids
-    )
-
-
 async def delete_user(
     session: AsyncSession, user_id: int, expected_version: int | Collection[int] | None = None
 ) -> bool:
@@ -417,10 +386,3 @@ async def delete_user(
     from .models import User
 
     return await delete(session, User, user_id, expected_version=expected_version)
-
-
-async def delete_inactive_users(session: AsyncSession) -> int:
-    """Delete every inactive user in one statement; returns how many."""
-    from .models import User
-
-    return await delete_where(session, User, col(User.is_active).is_(False))

@@ -25,7 +25,9 @@ a batch job with ``asyncio.gather``). What goes wrong without it:
 
 The recommended settings, each with its reason, are in ``RECOMMENDED_SETTINGS``;
 the server defaults themselves live in ``db.SERVER_POOL_DEFAULTS`` (applied by
-``make_engine``), so there is one source of truth.
+``make_engine``), so there is one source of truth. To watch each of these go wrong
+on purpose (a slow request, a burst, a slow query, a connection the server kills),
+``faults.py`` makes it happen; its helpers are importable from here too.
 """
 
 from __future__ import annotations
@@ -33,19 +35,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import bindparam, event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, QueuePool
 from sqlalchemy.sql.elements import TextClause
 
 from .config import backend_name
 from .db import SERVER_POOL_DEFAULTS, make_engine
+from .faults import (  # noqa: F401  (the notebooks and tests import these from pooling too)
+    checked_out,
+    hold_connection,
+    server_connection_id,
+    slow_query,
+    terminate_connections,
+)
 
 T = TypeVar("T")
 
@@ -249,42 +256,6 @@ async def gather_bounded(jobs: Iterable[Callable[[], Awaitable[T]]], limit: int 
     return await gather_or_cancel(*(run(job) for job in jobs))
 
 
-async def hold_connection(engine: AsyncEngine, seconds: float) -> None:
-    """Check out a connection, run one query, and keep it ``seconds`` (a slow request)."""
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
-        await asyncio.sleep(seconds)
-
-
-@asynccontextmanager
-async def checked_out(engine: AsyncEngine, count: int) -> AsyncIterator[list[AsyncConnection]]:
-    """Hold ``count`` connections of the engine at once (a burst), then return them."""
-    async with AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(engine.connect()) for _ in range(count)]
-
-
-def slow_query(engine: AsyncEngine, seconds: float) -> TextClause:
-    """A query that takes ``seconds`` in the database: a stand-in for real work.
-
-    PostgreSQL ``pg_sleep``, MySQL ``SLEEP``. SQLite has no sleep function, so
-    this registers one on the engine's *new* connections: call it before the
-    engine opens its first connection.
-    """
-    backend = engine.dialect.name
-    if backend == "postgresql":
-        return text(f"SELECT pg_sleep({float(seconds)})")
-    if backend == "mysql":
-        return text(f"SELECT SLEEP({float(seconds)})")
-    if not event.contains(engine.sync_engine, "connect", _add_sqlite_sleep):
-        event.listen(engine.sync_engine, "connect", _add_sqlite_sleep)
-    return text(f"SELECT sleep({float(seconds)})")
-
-
-def _add_sqlite_sleep(dbapi_connection: Any, _record: Any) -> None:
-    # Runs in the connection's own thread, like a query waiting on disk.
-    dbapi_connection.create_function("sleep", 1, time.sleep)
-
-
 async def measure_throughput(
     engine: AsyncEngine,
     statement: TextClause,
@@ -314,55 +285,8 @@ async def _execute_once(engine: AsyncEngine, statement: TextClause) -> None:
         await conn.execute(statement)
 
 
-async def server_connection_id(conn: AsyncConnection) -> int:
-    """The server's id for this connection (``pg_backend_pid()``, ``CONNECTION_ID()``)."""
-    backend = conn.dialect.name
-    if backend not in _CONNECTION_ID_QUERIES:
-        raise ValueError(f"{backend} has no server connections to identify")
-    return (await conn.execute(text(_CONNECTION_ID_QUERIES[backend]))).scalar_one()
-
-
-_CONNECTION_ID_QUERIES = {
-    "postgresql": "SELECT pg_backend_pid()",
-    "mysql": "SELECT CONNECTION_ID()",
-}
-
-
 async def pooled_connection_ids(engine: AsyncEngine) -> list[int]:
     """Server ids of the idle connections in the engine's pool (opens none)."""
     idle = pool_status(engine).checked_in or 0
     async with checked_out(engine, idle) as conns:
         return [await server_connection_id(conn) for conn in conns]
-
-
-async def terminate_connections(admin: AsyncEngine, ids: Iterable[int]) -> None:
-    """Have the server close these connections, as a restart or an admin would.
-
-    PostgreSQL ``pg_terminate_backend``, MySQL ``KILL CONNECTION``, sent from
-    ``admin`` (another engine); waits until the server no longer lists them.
-    """
-    targets = [int(i) for i in ids]
-    postgres = admin.dialect.name == "postgresql"
-    async with admin.connect() as conn:
-        for connection_id in targets:
-            if postgres:
-                await conn.execute(text("SELECT pg_terminate_backend(:id)"), {"id": connection_id})
-            else:
-                await conn.execute(text(f"KILL CONNECTION {connection_id}"))
-        for _ in range(500):  # the server closes them within milliseconds
-            if not await _still_listed(conn, targets, postgres):
-                return
-            await asyncio.sleep(0.01)
-    raise RuntimeError(f"the server still lists connections {targets} after 5 s")
-
-
-async def _still_listed(conn: AsyncConnection, ids: list[int], postgres: bool) -> bool:
-    listing = (
-        "SELECT count(*) FROM pg_stat_activity WHERE pid IN :ids"
-        if postgres
-        else "SELECT count(*) FROM information_schema.PROCESSLIST WHERE ID IN :ids"
-    )
-    statement = text(listing).bindparams(bindparam("ids", expanding=True))
-    result = await conn.execute(statement, {"ids": ids})
-    await conn.rollback()  # a new snapshot of the server's activity next time
-    return bool(result.scalar_one())

@@ -44,6 +44,7 @@ from sqlmodel import SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .bulk import column_values, refused
+from .crud import unique_key
 from .db import attach_inserted, changed_behind_the_orm, run_in_transaction
 from .multirow import (
     CHUNK,
@@ -77,23 +78,6 @@ class RepeatedKeyError(ValueError):
             "(which of its values should win is yours to decide)"
         )
         self.key = dict(key)
-
-
-def unique_key(model: type[SQLModel], names_: Sequence[str]) -> list[Column[Any]]:
-    """The columns of ``model``'s unique key (or primary key) named by these attributes;
-    ``ValueError`` if no unique key of the table is exactly these columns."""
-    mapper = sa_inspect(model)
-    columns = [mapper.attrs[name].columns[0] for name in names_]
-    table = mapper.local_table
-    keys = [set(c.columns) for c in table.constraints if hasattr(c, "columns") and _unique(c)]
-    keys += [set(index.columns) for index in table.indexes if index.unique]
-    if set(columns) not in keys:
-        raise ValueError(f"{model.__name__} has no unique key on ({', '.join(names_)})")
-    return columns
-
-
-def _unique(constraint: Any) -> bool:
-    return type(constraint).__name__ in ("UniqueConstraint", "PrimaryKeyConstraint")
 
 
 async def upsert(

@@ -82,7 +82,7 @@ async def test_pool_sweep_counts_every_query(database_url) -> None:
 async def test_bulk_insert_leaves_the_row_at_a_time_variants_out_above_the_limit(
     engine, monkeypatch
 ) -> None:
-    monkeypatch.setattr(bench.scenarios, "ROW_AT_A_TIME_LIMIT", 30)
+    monkeypatch.setattr(bench.inserts, "ROW_AT_A_TIME_LIMIT", 30)
     results = by_variant(await bench.bulk_insert(engine, users=40, repeats=1))
     assert "add_all + commit" not in results and "kit: crud.create_users" in results
     assert all(r.speedup is None for r in results.values())  # no anti-pattern to compare

@@ -20,18 +20,13 @@ from tqdm import tqdm
 
 from ..config import ConfigurationError, mask_password, resolve_url
 from ..db import create_db_and_tables, make_engine, throwaway_database
+from .concurrency import pool_sweep, transfers
+from .inserts import bulk_insert
+from .loading import eager_loading
 from .measure import ANTI, DEFAULT_REPEATS, KIT, OTHER, QUICK_REPEATS, RAW, Result
-from .scenarios import (
-    FULL,
-    QUICK,
-    ROW_AT_A_TIME_LIMIT,
-    bulk_insert,
-    eager_loading,
-    pool_sweep,
-    streaming_scenario,
-    transfers,
-    upsert,
-)
+from .scenarios import FULL, QUICK, ROW_AT_A_TIME_LIMIT
+from .streams import streaming_scenario
+from .upserts import upsert
 
 SCENARIOS = ("bulk_insert", "eager_loading", "pool_sweep", "transfers", "streaming", "upsert")
 

@@ -202,13 +202,13 @@ async def create_db_and_tables(engine: AsyncEngine, metadata: MetaData | None = 
     """Create the missing tables of ``metadata``: by default every imported
     SQLModel with ``table=True`` (``SQLModel.metadata``)."""
     async with engine.begin() as conn:
-        await conn.run_sync((metadata or SQLModel.metadata).create_all)
+        await conn.run_sync((SQLModel.metadata if metadata is None else metadata).create_all)
 
 
 async def drop_db_and_tables(engine: AsyncEngine, metadata: MetaData | None = None) -> None:
     """Drop the tables of ``metadata`` (default: ``SQLModel.metadata``)."""
     async with engine.begin() as conn:
-        await conn.run_sync((metadata or SQLModel.metadata).drop_all)
+        await conn.run_sync((SQLModel.metadata if metadata is None else metadata).drop_all)
 
 
 @asynccontextmanager

@@ -21,21 +21,11 @@ or plain ``alembic upgrade head`` in the project folder (``alembic.ini``). The U
 found as everywhere in the kit: the argument (``--url``, ``-x url=...``), then
 ``$DATABASE_URL``, then the embedded SQLite file; it is never printed with its password.
 
-What the environment does that a copied ``alembic init -t async`` does not:
-
-* Two processes that migrate at once (two app replicas starting, a deploy retried)
-  take turns: the second waits for the migration lock, then finds nothing left to do.
-  Without it, both run the same ``CREATE TABLE``/``ALTER`` and one fails half-way
-  (on MySQL, after committing part of its work).
-* A DDL statement waits at most ``LOCK_TIMEOUT`` for a table that the app is using,
-  instead of queueing every query behind it (PostgreSQL) or waiting up to a year
-  (MySQL's metadata lock wait).
-* SQLite alterations copy the table (batch mode) with foreign keys off, so copying a
-  referenced table does not cascade-delete the rows that point at it, and keep
-  ``AUTOINCREMENT`` counters, so an id is never handed out twice.
-* The kit's column types are written into a migration as what they store
-  (``Money`` as ``BIGINT``, ``Email`` as a binary-collated ``VARCHAR`` on MySQL), so a
-  migration never changes meaning when the Python types do.
+The environment (``env.py``) is the ``alembic init -t async`` one, plus what a copy of
+that lacks, in two rooms beside this one: ``locking.py`` (two migrations take turns, a
+DDL statement waits briefly for a busy table, SQLite copies tables without losing rows
+or ids) and ``compare.py`` (the options ``env.py`` configures Alembic with: the kit's
+column types written into a migration as what they store).
 """
 
 from __future__ import annotations
@@ -45,8 +35,7 @@ import logging
 import shutil
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,42 +44,32 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import CommandLine, Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Boolean, text
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
-from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import SQLModel
 
 from .. import models  # noqa: F401  (registers the kit's tables on SQLModel.metadata)
 from ..config import ConfigurationError, DatabaseUnavailableError, backend_name
-from ..db import LOCK_TIMEOUT, SQLITE_BEGIN, is_lock_timeout, make_engine
+from ..db import LOCK_TIMEOUT, make_engine
+from .compare import (  # noqa: F401  (env.py, the tests and notebooks import them from here)
+    compare_server_default,
+    context_options,
+    render_item,
+)
+from .locking import (  # noqa: F401  (env.py, the tests and notebooks import them from here)
+    MIGRATION_LOCK_WAIT,
+    MigrationLockTimeout,
+    migration_transaction,
+)
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-# How long a migration waits for another one to finish before giving up.
-MIGRATION_LOCK_WAIT = 60.0
-# PostgreSQL advisory lock key, MySQL named lock: "the kit is migrating this database".
-_PG_LOCK_KEY = 0x61_73_79_6E_63_70_61_74  # "asyncpat"
-_MYSQL_LOCK_PREFIX = "asyncpatterns.migrate."
-# The dialects a rendered column type must be right for.
-_DIALECTS = {
-    "sqlite": sqlite.dialect(),
-    "postgresql": postgresql.dialect(),
-    "mysql": mysql.dialect(),
-}
 
 
 class SchemaOutOfDateError(RuntimeError):
     """The database is not at the revision the code needs."""
-
-
-class MigrationLockTimeout(TimeoutError):
-    """Another migration held the database's migration lock for longer than the wait."""
 
 
 # -- The API: upgrade, downgrade, check, current -------------------------------------
@@ -226,214 +205,6 @@ def alembic_config(url: str | URL | None = None) -> Config:
                 "post_write_hooks", f"{hook}.options", f"{options} REVISION_SCRIPT_FILENAME"
             )
     return config
-
-
-# -- What env.py configures Alembic with -----------------------------------------------
-
-
-def context_options(steps: list[str] | None = None) -> dict[str, Any]:
-    """The options ``env.py`` passes to ``context.configure`` (and ``check`` compares with)."""
-    options: dict[str, Any] = {
-        "target_metadata": SQLModel.metadata,
-        # SQLite cannot ALTER most things: batch operations copy the table instead.
-        "render_as_batch": True,
-        "compare_type": True,
-        "compare_server_default": compare_server_default,
-        "render_item": render_item,
-    }
-    if steps is not None:
-
-        def record(*, step: Any, **_: Any) -> None:
-            steps.append(step.up_revision_id)
-
-        options["on_version_apply"] = record
-    return options
-
-
-def compare_server_default(
-    context: MigrationContext,
-    inspected_column: Any,
-    metadata_column: Any,
-    inspected_default: str | None,
-    metadata_default: Any,
-    rendered_metadata_default: str | None,
-) -> bool | None:
-    """Compare boolean defaults by value: MySQL stores ``false`` as ``0`` and reflects
-    it so, which Alembic's text comparison reports as a change. ``None``: Alembic decides."""
-    if context.dialect.name != "mysql" or not isinstance(metadata_column.type, Boolean):
-        return None
-    return _boolean_value(inspected_default) != _boolean_value(rendered_metadata_default)
-
-
-def _boolean_value(default: str | None) -> str | None:
-    if default is None:
-        return None
-    value = default.strip("'\"() ").lower()
-    return {"false": "0", "true": "1"}.get(value, value)
-
-
-def render_item(kind: str, obj: Any, autogen_context: Any) -> str | bool:
-    """Write a ``TypeDecorator`` (the kit's ``Money``, ``ExactText``, ``Email``;
-    SQLModel's ``AutoString``) into a migration as the type it stores: its ``impl``,
-    with a ``with_variant`` where a backend stores something else. A migration then
-    needs no import of the application, and keeps its meaning when the Python type
-    changes. Anything else renders as Alembic renders it (``False``)."""
-    if kind != "type" or not isinstance(obj, TypeDecorator):
-        return False
-    stored = obj.impl_instance
-    rendered = _render_type(stored, autogen_context)
-    for name, dialect in _DIALECTS.items():
-        variant = obj.load_dialect_impl(dialect)
-        if _ddl(variant, dialect) != _ddl(stored, dialect):
-            rendered += f".with_variant({_render_type(variant, autogen_context)}, {name!r})"
-    return rendered
-
-
-def _render_type(type_: TypeEngine[Any], autogen_context: Any) -> str:
-    module = type(type_).__module__
-    if module.startswith("sqlalchemy.dialects."):
-        dialect_name = module.split(".")[2]
-        autogen_context.imports.add(f"from sqlalchemy.dialects import {dialect_name}")
-        return f"{dialect_name}.{type_!r}"
-    return f"sa.{type_!r}"
-
-
-def _ddl(type_: TypeEngine[Any], dialect: Any) -> str:
-    try:
-        return type_.compile(dialect=dialect)
-    except CompileError as exc:  # e.g. VARCHAR without a length on MySQL
-        return f"error: {exc}"
-
-
-# -- One migration at a time, in one transaction -----------------------------------------
-
-
-@contextmanager
-def migration_transaction(
-    connection: Connection, lock_wait: float = MIGRATION_LOCK_WAIT
-) -> Iterator[None]:
-    """Hold the database's migration lock, inside a transaction committed at the end.
-
-    A second migration waits here (up to ``lock_wait`` seconds) and then sees the
-    first one's result. PostgreSQL and SQLite roll back a failed migration entirely
-    (transactional DDL); MySQL commits each DDL statement as it runs.
-    """
-    backend = connection.dialect.name
-    logger.info("Waiting for the migration lock (at most %g s)", lock_wait)
-    try:
-        if backend == "sqlite":
-            with _sqlite_migration(connection):
-                yield
-        elif backend == "postgresql":
-            with connection.begin():
-                _postgresql_lock(connection, lock_wait)
-                yield
-        else:
-            with _mysql_lock(connection, lock_wait), connection.begin():
-                yield
-    except DBAPIError as exc:
-        if is_lock_timeout(exc) and _waiting_for_lock(exc):
-            raise MigrationLockTimeout(_lock_message(lock_wait)) from exc
-        raise
-
-
-def _lock_message(lock_wait: float) -> str:
-    return (
-        f"another migration held this database's migration lock for more than {lock_wait:g} s; "
-        "wait for it to finish, then run the migration again"
-    )
-
-
-def _waiting_for_lock(exc: DBAPIError) -> bool:
-    statement = (exc.statement or "").upper()
-    return statement.startswith("BEGIN") or "PG_ADVISORY_XACT_LOCK" in statement
-
-
-def _postgresql_lock(connection: Connection, lock_wait: float) -> None:
-    # Wait up to lock_wait for the lock, then go back to the short wait for DDL locks.
-    previous = connection.exec_driver_sql("SHOW lock_timeout").scalar_one()
-    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_wait * 1000)}")
-    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
-    connection.execute(text("SELECT set_config('lock_timeout', :value, true)"), {"value": previous})
-
-
-@contextmanager
-def _mysql_lock(connection: Connection, lock_wait: float) -> Iterator[None]:
-    # A named lock belongs to the session: DDL's implicit commits do not release it.
-    database = connection.exec_driver_sql("SELECT DATABASE()").scalar_one()
-    name = f"{_MYSQL_LOCK_PREFIX}{database}"[:64]
-    # DDL waits for a table's metadata lock up to lock_wait_timeout: one year by default.
-    connection.exec_driver_sql(f"SET SESSION lock_wait_timeout = {max(1, round(LOCK_TIMEOUT))}")
-    got = connection.execute(
-        text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": lock_wait}
-    ).scalar()
-    connection.commit()  # start the migration with a fresh snapshot
-    if got != 1:
-        raise MigrationLockTimeout(_lock_message(lock_wait))
-    try:
-        yield
-    finally:
-        connection.rollback()  # if the migration failed mid-transaction
-        connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
-        connection.commit()
-
-
-@contextmanager
-def _sqlite_migration(connection: Connection) -> Iterator[None]:
-    """SQLite: take the write lock first (``BEGIN IMMEDIATE``), with foreign keys off
-    while tables are copied, checked before the commit; keep AUTOINCREMENT counters."""
-    _sqlite_pragma(connection, "foreign_keys=OFF")  # outside a transaction, or ignored
-    try:
-        connection.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
-        with connection.begin():
-            counters = _sqlite_counters(connection)
-            yield
-            _restore_sqlite_counters(connection, counters)
-            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
-            if broken:
-                raise RuntimeError(f"the migration broke foreign keys (rolled back): {broken}")
-    finally:
-        _sqlite_pragma(connection, "foreign_keys=ON")
-
-
-def _sqlite_pragma(connection: Connection, pragma: str) -> None:
-    # On the DBAPI connection: through SQLAlchemy, the statement would begin a transaction.
-    cursor = connection.connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA {pragma}")
-    finally:
-        cursor.close()
-
-
-def _sqlite_counters(connection: Connection) -> dict[str, int]:
-    """AUTOINCREMENT counters: copying a table restarts them at its highest id."""
-    if not _has_table(connection, "sqlite_sequence"):
-        return {}
-    rows = connection.exec_driver_sql("SELECT name, seq FROM sqlite_sequence").all()
-    return {name: seq for name, seq in rows}
-
-
-def _restore_sqlite_counters(connection: Connection, counters: dict[str, int]) -> None:
-    for table, seq in counters.items():
-        if not _has_table(connection, table) or not _has_table(connection, "sqlite_sequence"):
-            continue
-        found = connection.execute(
-            text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
-        ).scalar()
-        if found is None:
-            connection.execute(
-                text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :s)"),
-                {"t": table, "s": seq},
-            )
-        elif found < seq:
-            connection.execute(
-                text("UPDATE sqlite_sequence SET seq = :s WHERE name = :t"), {"t": table, "s": seq}
-            )
-
-
-def _has_table(connection: Connection, name: str) -> bool:
-    query = text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name")
-    return connection.execute(query, {"name": name}).first() is not None
 
 
 # -- python -m asyncpatterns.migrations ---------------------------------------------------

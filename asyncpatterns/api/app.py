@@ -1,0 +1,87 @@
+"""The app factory: a FastAPI app on async SQLModel where bad input is a 4xx, never a 500.
+
+Use ``create_app(url)`` to build the app: its lifespan creates the tables and
+disposes the engine, the engine and session maker live on ``app.state``, and
+``get_session`` (``dependencies.py``) hands each request its own session.
+``uvicorn asyncpatterns.api:app`` serves the module-level ``app``
+(``$DATABASE_URL``).
+
+What goes wrong without the lifespan: httpx's ``ASGITransport`` does not run
+it, so a test that does not start it (``app.router.lifespan_context(app)``)
+meets "no such table" on the first request. Without the handlers and the
+middleware registered here, the failures ``errors.py`` lists are back:
+tracebacks as 500s, and dropped keep-alive connections.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from ..config import DatabaseUnavailableError
+from ..db import LOCK_TIMEOUT, create_db_and_tables, make_engine, make_session_maker
+from .errors import (
+    UnexpectedErrorsAsJSON,
+    database_error,
+    database_unavailable,
+    request_validation_failed,
+)
+from .routers import accounts, teams, users
+from .schemas import ErrorMessage
+
+# Seconds a request waits for a free pooled connection before it is answered 503.
+POOL_TIMEOUT = 3.0
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Create the tables before the first request; close the pool at shutdown."""
+    await create_db_and_tables(app.state.engine)
+    try:
+        yield
+    finally:
+        await app.state.engine.dispose()
+
+
+def create_app(
+    url: str | URL | None = None,
+    *,
+    pool_timeout: float = POOL_TIMEOUT,
+    lock_timeout: float = LOCK_TIMEOUT,
+    require_if_match: bool = False,
+) -> FastAPI:
+    """The app on ``url`` (default: ``$DATABASE_URL``, then the embedded SQLite file).
+
+    Overload is a 503 + Retry-After, not a long wait then a 500:
+    ``pool_timeout`` is how long a request waits for a pooled connection,
+    ``lock_timeout`` how long a statement waits for a locked row (seconds).
+    ``require_if_match``: a PATCH without If-Match is 428, not last-write-wins.
+    """
+    # FastAPIOffline: FastAPI, with /docs and /redoc served from the installed
+    # package instead of a CDN, so the docs work without internet access.
+    app = FastAPIOffline(
+        title="asyncpatterns",
+        summary="Users, teams and accounts on async SQLModel.",
+        lifespan=lifespan,
+        responses={503: {"model": ErrorMessage, "description": "Database unavailable or busy"}},
+    )
+    app.state.engine = make_engine(url, pool_timeout=pool_timeout, lock_timeout=lock_timeout)
+    app.state.session_maker = make_session_maker(app.state.engine)
+    app.state.require_if_match = require_if_match
+    app.add_exception_handler(DatabaseUnavailableError, database_unavailable)
+    app.add_exception_handler(PoolTimeoutError, database_unavailable)
+    app.add_exception_handler(DBAPIError, database_error)
+    app.add_exception_handler(RequestValidationError, request_validation_failed)
+    app.add_middleware(UnexpectedErrorsAsJSON)
+    app.include_router(users.router)
+    app.include_router(teams.router)
+    app.include_router(accounts.router)
+    return app
+
+
+app = create_app()
