@@ -23,7 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 
-from . import crud, pooling, relationships, streaming, transactions
+from . import crud, exports, pooling, relationships, streaming, transactions
 from .config import ConfigurationError, mask_password
 from .db import (
     create_db_and_tables,
@@ -236,7 +236,7 @@ async def _tour_streaming(engine: AsyncEngine) -> list[str]:
                 async for _user in users:
                     streamed += 1
         size = 0
-        async with aclosing(streaming.export_users_csv(session)) as chunks:
+        async with aclosing(exports.export_users_csv(session)) as chunks:
             async for text in chunks:
                 size += len(text.encode())
         try:

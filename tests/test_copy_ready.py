@@ -370,9 +370,6 @@ SMOKE = dict(
             asyncio.run(main())
         """,
         "streaming.py": """
-            import io
-            from contextlib import aclosing
-
             from sqlalchemy.ext.asyncio import async_sessionmaker
             from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -387,31 +384,55 @@ SMOKE = dict(
                     await session.commit()
                     async with streaming.stream_all(session, Item, chunk_size=10) as rows:
                         assert len([row async for row in rows]) == 25
-                    async with aclosing(streaming.export_csv(session, Item, chunk_size=10)) as chunks:
-                        text = "".join([t async for t in chunks])
-                    assert text.count("\\r\\n") == 26, text
-                    statement = streaming.export_statement(Item, ["sku", "name"])
+                    statement = select(Item.sku, Item.name).order_by(Item.id)
                     async with streaming.stream_rows(session, statement, chunk_size=7) as chunks:
                         assert len([row async for chunk in chunks for row in chunk]) == 25
                     skus = select(Item.sku).order_by(Item.id)
                     async with streaming.stream_scalars(session, skus, chunk_size=7) as found:
                         assert [sku async for sku in found][:2] == ["S0", "S1"]
-                    assert streaming.csv_cell("=1+1") == "'=1+1"
-                    assert streaming.csv_text([("a,b", None, True)]) == '"a,b",,true\\r\\n'
-                    out = io.StringIO(newline="")
-                    assert await streaming.write_csv(session, Item, out) == 25
-                    assert out.getvalue() == text
-                    try:
-                        frames = [f async for f in streaming.to_dataframes(session, Item)]
-                        assert sum(len(frame) for frame in frames) == 25
-                    except ModuleNotFoundError:  # pandas: only to_dataframes needs it
-                        pass
                     try:
                         async with streaming.stream_all(session, Item, chunk_size=10) as rows:
                             async for _row in rows:
                                 await session.commit()
                         raise AssertionError("a commit mid-stream went unnoticed")
                     except streaming.StreamClosedError:
+                        pass
+                await finish(engine)
+
+
+            asyncio.run(main())
+        """,
+        "exports.py": """
+            import io
+            from contextlib import aclosing
+
+            from sqlalchemy.ext.asyncio import async_sessionmaker
+            from sqlmodel.ext.asyncio.session import AsyncSession
+
+            from myapp import exports
+
+
+            async def main():
+                engine = await tables(create_async_engine(URL))  # needs nothing of the kit's
+                sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+                async with sessions() as session:
+                    session.add_all(items(25))
+                    await session.commit()
+                    async with aclosing(exports.export_csv(session, Item, chunk_size=10)) as chunks:
+                        text = "".join([t async for t in chunks])
+                    assert text.count("\\r\\n") == 26, text
+                    statement = exports.export_statement(Item, ["sku", "name"])
+                    async with aclosing(exports.export_csv(session, statement)) as chunks:
+                        assert "".join([t async for t in chunks]).startswith("sku,name")
+                    assert exports.csv_cell("=1+1") == "'=1+1"
+                    assert exports.csv_text([("a,b", None, True)]) == '"a,b",,true\\r\\n'
+                    out = io.StringIO(newline="")
+                    assert await exports.write_csv(session, Item, out) == 25
+                    assert out.getvalue() == text
+                    try:
+                        frames = [f async for f in exports.to_dataframes(session, Item)]
+                        assert sum(len(frame) for frame in frames) == 25
+                    except ModuleNotFoundError:  # pandas: only to_dataframes needs it
                         pass
                 await finish(engine)
 

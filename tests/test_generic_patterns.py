@@ -20,7 +20,16 @@ from sqlalchemy import CheckConstraint, UniqueConstraint, delete
 from sqlalchemy.orm import registry
 from sqlmodel import Field, Relationship, SQLModel, col, select
 
-from asyncpatterns import bulk, crud, locking, relationships, streaming, transactions, upserts
+from asyncpatterns import (
+    bulk,
+    crud,
+    exports,
+    locking,
+    relationships,
+    streaming,
+    transactions,
+    upserts,
+)
 from asyncpatterns.columns import TimestampMixin, VersionMixin
 from asyncpatterns.db import (
     AlreadyExistsError,
@@ -364,9 +373,9 @@ async def test_streams_and_exports_of_a_model(sessions) -> None:
         await bulk.create_many(session, products(25, shelf_id=shelf.id))
         async with streaming.stream_all(session, Product, chunk_size=10) as rows:
             assert [p.sku async for p in rows] == [f"SKU-{i}" for i in range(25)]
-        async with aclosing(streaming.export_csv(session, Product, chunk_size=7)) as chunks:
+        async with aclosing(exports.export_csv(session, Product, chunk_size=7)) as chunks:
             text = "".join([chunk async for chunk in chunks])
-        frames = [f async for f in streaming.to_dataframes(session, Product, chunk_size=10)]
+        frames = [f async for f in exports.to_dataframes(session, Product, chunk_size=10)]
     table = list(csv.reader(io.StringIO(text)))
     assert table[0] == [c.name for c in Product.__table__.columns]
     assert len(table) == 26 and table[1][table[0].index("sku")] == "SKU-0"

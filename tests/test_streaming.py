@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from starlette.requests import ClientDisconnect
 
-from asyncpatterns import crud, streaming
+from asyncpatterns import crud, exports, streaming
 from asyncpatterns.api import ExportCutOff, create_app
 from asyncpatterns.cli import TOUR_STEPS
 from asyncpatterns.db import make_engine, make_session_maker
@@ -81,12 +81,12 @@ async def add_hostile_users(engine: AsyncEngine) -> None:
 
 async def table_rows(engine: AsyncEngine) -> list[tuple[Any, ...]]:
     async with make_session_maker(engine)() as session:
-        return [tuple(row) for row in await session.exec(streaming.users_export_statement())]
+        return [tuple(row) for row in await session.exec(exports.users_export_statement())]
 
 
 def expected_csv(rows: list[tuple[Any, ...]], neutralize: bool = True) -> list[list[str]]:
     """What the CSV must hold, written independently of the kit's writer."""
-    expected = [list(streaming.CSV_COLUMNS)]
+    expected = [list(exports.CSV_COLUMNS)]
     for row in rows:
         cells = []
         for value in row:
@@ -238,10 +238,10 @@ async def test_csv_is_exact_for_hostile_values_and_neutralizes_formulas(engine) 
     await add_hostile_users(engine)
     rows = await table_rows(engine)
     async with make_session_maker(engine)() as session:
-        async with aclosing(streaming.export_users_csv(session, chunk_size=4)) as chunks:
+        async with aclosing(exports.export_users_csv(session, chunk_size=4)) as chunks:
             safe = "".join([chunk async for chunk in chunks])
         async with aclosing(
-            streaming.export_users_csv(session, chunk_size=4, neutralize_formulas=False)
+            exports.export_users_csv(session, chunk_size=4, neutralize_formulas=False)
         ) as chunks:
             raw = "".join([chunk async for chunk in chunks])
     assert parsed(safe) == expected_csv(rows)
@@ -257,8 +257,8 @@ async def test_write_users_csv_writes_what_the_generator_yields(engine) -> None:
     await add_users(engine, 1200)
     file = io.StringIO(newline="")
     async with make_session_maker(engine)() as session:
-        written = await streaming.write_users_csv(session, file, chunk_size=500)
-        async with aclosing(streaming.export_users_csv(session, chunk_size=500)) as chunks:
+        written = await exports.write_users_csv(session, file, chunk_size=500)
+        async with aclosing(exports.export_users_csv(session, chunk_size=500)) as chunks:
             generated = "".join([chunk async for chunk in chunks])
     assert written == 1200 + len(HOSTILE_NAMES)
     assert file.getvalue() == generated
@@ -267,9 +267,9 @@ async def test_write_users_csv_writes_what_the_generator_yields(engine) -> None:
 
 async def test_an_empty_table_is_a_header_and_no_frames(engine) -> None:
     async with make_session_maker(engine)() as session:
-        async with aclosing(streaming.export_users_csv(session)) as chunks:
+        async with aclosing(exports.export_users_csv(session)) as chunks:
             assert [chunk async for chunk in chunks] == ["id,name,email,is_active,team_id\r\n"]
-        async with aclosing(streaming.users_to_dataframes(session)) as frames:
+        async with aclosing(exports.users_to_dataframes(session)) as frames:
             assert [frame async for frame in frames] == []
         async with streaming.stream_users(session) as users:
             assert [user async for user in users] == []
@@ -282,7 +282,7 @@ async def test_dataframes_in_chunks_hold_the_table(engine) -> None:
     await add_users(engine, 2000)
     async with (
         make_session_maker(engine)() as session,
-        aclosing(streaming.users_to_dataframes(session, chunk_size=750)) as frames,
+        aclosing(exports.users_to_dataframes(session, chunk_size=750)) as frames,
     ):
         chunks = [frame async for frame in frames]
     assert [len(frame) for frame in chunks] == [750, 750, 511]
@@ -290,7 +290,7 @@ async def test_dataframes_in_chunks_hold_the_table(engine) -> None:
     assert str(chunks[0].dtypes["team_id"]) == "Int64"
     whole = pd.concat(chunks, ignore_index=True)
     rows = await table_rows(engine)
-    for position, column in enumerate(streaming.CSV_COLUMNS):
+    for position, column in enumerate(exports.CSV_COLUMNS):
         values = [None if pd.isna(v) else v for v in whole[column].tolist()]
         assert values == [row[position] for row in rows], column
 
@@ -328,7 +328,7 @@ async def test_streaming_20000_rows_holds_a_fraction_of_all(engine) -> None:
         size = 0
         async with (
             session_maker() as session,
-            aclosing(streaming.export_users_csv(session)) as chunks,
+            aclosing(exports.export_users_csv(session)) as chunks,
         ):
             async for chunk in chunks:
                 size += len(chunk)
@@ -485,7 +485,7 @@ async def test_a_database_error_mid_stream_cuts_the_body_off_and_releases_the_co
         # the status and the first chunk went out; the body never got its end
         assert sent[0]["status"] == 200
         assert [m.get("more_body") for m in sent[1:]] == [True]
-        assert parsed(sent[1]["body"].decode())[0] == list(streaming.CSV_COLUMNS)
+        assert parsed(sent[1]["body"].decode())[0] == list(exports.CSV_COLUMNS)
         monkeypatch.setattr(streaming._Chunks, "__anext__", real_next)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -2,7 +2,7 @@
 
 * ``streaming`` -- a user table of 10,000 and 100,000 rows (``--stream-rows``,
   e.g. 10000,100000,1000000) read with ``.all()``, ``streaming.stream_users``,
-  ``streaming.export_users_csv`` and the driver's own cursor: peak memory, as
+  ``exports.export_users_csv`` and the driver's own cursor: peak memory, as
   a fraction of ``.all()``'s, flat for the streams however large the table.
 
 It empties the user table: give it only a throw-away database.
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 from tqdm import tqdm
 
-from .. import streaming
+from .. import exports, streaming
 from ..db import make_session_maker
 from ..models import User
 from .inserts import raw_copy
@@ -107,7 +107,7 @@ async def streaming_scenario(
         async def export_csv(_payload: Any) -> None:
             rows = 0
             async with session_maker() as session:
-                async for text_chunk in streaming.export_users_csv(session):
+                async for text_chunk in exports.export_users_csv(session):
                     rows += text_chunk.count("\r\n")
             check(rows, size + 1)  # and the header
 

@@ -6,6 +6,10 @@ to get sessions from it. What goes wrong with a plain ``create_async_engine``:
 * SQLite ignores foreign keys unless every connection turns them on, and its
   driver opens transactions late, which breaks savepoints: here SQLAlchemy
   emits BEGIN itself (``unit_of_work.lock_for_writing`` makes it IMMEDIATE).
+* SQLite's busy handler is not a queue: waiting writers poll, and under a
+  burst one of them can lose every poll until its ``busy_timeout`` runs out.
+  Here the writers of one engine take turns in arrival order, in the event
+  loop, before ``BEGIN IMMEDIATE``.
 * A writer that waits for a lock forever takes a pooled connection with it:
   a lock timeout is set on every backend (5 s by default).
 * A pooled connection the server has closed (restart, ``wait_timeout``) fails
@@ -20,6 +24,7 @@ to get sessions from it. What goes wrong with a plain ``create_async_engine``:
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import sqlite3
 import tempfile
@@ -34,6 +39,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+from sqlalchemy.util import await_only
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -115,8 +121,12 @@ def _lock_timeout_connect_args(backend: str, seconds: float) -> dict[str, Any]:
 
 
 def _configure_sqlite(engine: AsyncEngine, busy_ms: int, autocommit_engine: bool) -> None:
-    """Foreign keys on, a busy timeout, WAL for files, and BEGIN emitted by us."""
+    """Foreign keys on, a busy timeout, WAL for files, BEGIN emitted by us, and
+    writers that take turns."""
     _bind_numpy_scalars_as_numbers()
+    file_database = engine.url.database not in (None, "", ":memory:")
+    # :memory: has one connection (pool_size=1): its sessions already take turns.
+    writers = _WriterQueue(busy_ms / 1000) if busy_ms and file_database else None
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -125,7 +135,7 @@ def _configure_sqlite(engine: AsyncEngine, busy_ms: int, autocommit_engine: bool
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-        if engine.url.database not in (None, "", ":memory:"):
+        if file_database:
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.close()
 
@@ -142,7 +152,70 @@ def _configure_sqlite(engine: AsyncEngine, busy_ms: int, autocommit_engine: bool
         if level == "AUTOCOMMIT" or (level is None and autocommit_engine):
             return  # autocommit asked for: every statement commits on its own
         mode = connection.get_execution_options().get(SQLITE_BEGIN, "")
-        connection.exec_driver_sql(f"BEGIN {mode}".strip())
+        if mode != "IMMEDIATE" or writers is None:
+            connection.exec_driver_sql(f"BEGIN {mode}".strip())
+            return
+        writers.begin_immediate(connection)
+
+    if writers is not None:
+        # Whichever way the transaction or the connection ends, the next writer goes.
+        def _transaction_ended(connection: Any) -> None:
+            writers.leave(connection.info)
+
+        def _connection_returned(_dbapi_connection: Any, record: Any, *_: Any) -> None:
+            writers.leave(None if record is None else record.info)
+
+        for name in ("commit", "rollback"):
+            event.listen(engine.sync_engine, name, _transaction_ended)
+        for name in ("checkin", "invalidate", "close"):
+            event.listen(engine.sync_engine, name, _connection_returned)
+
+
+class _WriterQueue:
+    """SQLite's writers, one at a time, first come first served (per event loop).
+
+    ``busy_timeout`` bounds each writer's wait, as it would without the queue.
+    A writer whose turn does not come in time still tries, with SQLite's own
+    busy wait turned off: the error it gets (SQLITE_BUSY, a lock timeout)
+    is SQLite's, classified and reported like any other.
+    """
+
+    _TURN = "asyncpatterns.sqlite_writer_turn"
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+
+    def begin_immediate(self, connection: Any) -> None:
+        if self._loop is not asyncio.get_running_loop():  # an asyncio.Lock serves one loop
+            self._loop, self._lock = asyncio.get_running_loop(), asyncio.Lock()
+        lock = self._lock
+        if await_only(self._wait_for_turn(lock)):
+            connection.info[self._TURN] = lock
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                self.leave(connection.info)
+                raise
+            return
+        connection.exec_driver_sql("PRAGMA busy_timeout=0")
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        finally:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+
+    async def _wait_for_turn(self, lock: asyncio.Lock) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await lock.acquire()
+        except TimeoutError:
+            return False
+
+    def leave(self, info: dict[str, Any] | None) -> None:
+        lock = None if info is None else info.pop(self._TURN, None)
+        if lock is not None:
+            lock.release()
 
 
 def _bind_numpy_scalars_as_numbers() -> None:

@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import Receive, Scope, Send
 
-from ... import crud, locking, streaming
+from ... import crud, exports, locking
 from ...models import User, UserCreate, UserRead, UserUpdate
 from ..dependencies import SessionDep
 from ..errors import _errors
@@ -93,7 +93,7 @@ async def export_users_endpoint(request: Request) -> StreamingResponse:
     # before the body is sent. The query runs before the answer starts, so an unreachable
     # database or a full pool is still a 503.
     session = request.app.state.session_maker()
-    chunks = streaming.export_users_csv(session)
+    chunks = exports.export_users_csv(session)
     try:
         first = await anext(chunks)
     except BaseException:
