@@ -34,8 +34,17 @@ from .tour import TOUR_STEPS, tour  # noqa: F401  (TOUR_STEPS: the tests import 
 def serve(url: str | None, host: str, port: int) -> int:
     """Serve the API with uvicorn; an unreachable database fails here, in one line."""
     from .api import create_app  # here: importing api builds its module-level app
+    from .bench.served import event_loop_name, http_parser_name
 
     _run(_check_database(url))
+    loop, http = event_loop_name(), http_parser_name()
+    hint = (
+        ""
+        if (loop, http) == ("uvloop", "httptools")
+        else " (faster: pip install 'asyncpatterns[serve]')"
+    )
+    print(f"serving on http://{host}:{port}: {loop} event loop, {http} HTTP parser{hint}")
+    # uvicorn's loop="auto" and http="auto" pick uvloop and httptools when installed.
     uvicorn.run(create_app(url), host=host, port=port)
     return 0
 
@@ -78,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     tour_parser = commands.add_parser("tour", help="run every pattern once and report")
     tour_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
     bench_parser = commands.add_parser("bench", help="time patterns against anti-patterns")
+    bench_parser.add_argument(
+        "target",
+        nargs="?",
+        choices=["api"],
+        help="api: the served app against the ladder of hand-written apps, over HTTP",
+    )
     bench_parser.add_argument("--url", help="server or SQLite URL; bench uses a scratch database")
     bench_parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     bench_parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -93,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         type=_sizes,
         metavar="N,N,...",
         help="table sizes streaming reads (default 10000,100000; e.g. 10000,100000,1000000)",
+    )
+    bench_parser.add_argument(
+        "--rungs", type=lambda text: text.split(","), help="bench api: e.g. raw,kit (default: all)"
+    )
+    bench_parser.add_argument(
+        "--clients", type=_sizes, metavar="N,N,...", help="bench api: default 1,32,128"
+    )
+    bench_parser.add_argument(
+        "--seconds", type=float, help="bench api: wrk's time per cell (default 10, quick 1)"
     )
     serve_parser = commands.add_parser("serve", help="serve the FastAPI app with uvicorn")
     serve_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
@@ -121,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tour":
             return _run(tour(args.url))
+        if args.command == "bench" and args.target == "api":
+            from .bench.served import api_bench_command
+
+            return api_bench_command(
+                args.url, args.quick, args.json, args.rungs, args.clients, args.seconds
+            )
         if args.command == "bench":
             return bench_command(
                 args.url,

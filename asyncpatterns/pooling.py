@@ -106,9 +106,17 @@ RECOMMENDED_SETTINGS: list[PoolSetting] = [
         "dead: survives restarts, failovers and killed connections",
     ),
     PoolSetting(
+        "every backend",
+        "poolclass",
+        "FairAsyncQueuePool (make_engine's default)",
+        "waiting tasks get connections in arrival order; SQLAlchemy's AsyncAdaptedQueuePool "
+        "lets a newcomer take the connection a waiter was woken for, so under load a few "
+        "waiters starve until pool_timeout (p99 seconds, then 503s)",
+    ),
+    PoolSetting(
         "sqlite (file)",
         "poolclass",
-        "AsyncAdaptedQueuePool (default: size 5, overflow 10)",
+        "FairAsyncQueuePool (size 5, overflow 10)",
         "one connection per concurrent task, each in its own thread; WAL (set by "
         "make_engine) lets readers run beside the single writer, and a writer that "
         "begins with BEGIN IMMEDIATE waits its turn (busy_timeout) instead of failing",
@@ -116,7 +124,7 @@ RECOMMENDED_SETTINGS: list[PoolSetting] = [
     PoolSetting(
         "sqlite (:memory:)",
         "poolclass",
-        "AsyncAdaptedQueuePool, pool_size=1, max_overflow=0 (make_engine's default)",
+        "FairAsyncQueuePool, pool_size=1, max_overflow=0 (make_engine's default)",
         "every new connection to :memory: is a new, empty database, so the one connection "
         "is kept; a pool of one hands it to one session at a time (StaticPool hands it to "
         "all at once, and their transactions mix)",

@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .api import create_app, get_session
+from .api import create_app, get_read_session, get_session
 from .config import DatabaseUnavailableError
 from .db import (
     create_db_and_tables,
@@ -206,12 +206,14 @@ async def _client_for(
     app: FastAPI, sessions: Callable[[], AsyncIterator[AsyncSession]]
 ) -> AsyncIterator[httpx.AsyncClient]:
     app.dependency_overrides[get_session] = sessions
+    app.dependency_overrides[get_read_session] = sessions
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
     finally:
         app.dependency_overrides.pop(get_session, None)
+        app.dependency_overrides.pop(get_read_session, None)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

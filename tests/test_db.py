@@ -4,17 +4,18 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
-from asyncpatterns import crud
+from asyncpatterns import crud, pooling
 from asyncpatterns.config import ConfigurationError, DatabaseUnavailableError
 from asyncpatterns.db import (
     create_db_and_tables,
     is_lock_timeout,
     make_engine,
+    make_read_engine,
     make_session_maker,
     run_in_transaction,
     session_scope,
@@ -25,9 +26,9 @@ from asyncpatterns.testing import SERVER_URL_VARIABLES
 
 def test_missing_driver_is_one_clear_error() -> None:
     with pytest.raises(ConfigurationError, match="driver .* is not installed") as info:
-        make_engine("postgresql+psycopg://user:s3cret@127.0.0.1/db")
+        make_engine("mysql+asyncmy://user:s3cret@127.0.0.1/db")  # asyncmy: not a kit dependency
     assert "s3cret" not in str(info.value)
-    assert "asyncpg" in str(info.value)  # says what to use instead
+    assert "aiomysql" in str(info.value)  # says what to use instead
 
 
 @pytest.mark.parametrize(
@@ -289,3 +290,36 @@ async def test_a_connection_error_says_what_to_do_about_it(backend, change, hint
 def test_a_synchronous_driver_is_one_line_saying_which_to_use() -> None:
     with pytest.raises(ConfigurationError, match=r"synchronous driver.*mysql\+aiomysql://"):
         make_engine("mysql+pymysql://root@127.0.0.1/db")
+
+
+# -- The read engine: one statement, one round trip ---------------------------------------
+
+
+async def _teams_around_a_commit(reader_maker, writer_maker) -> tuple[int, int]:
+    """Count teams, let another session commit one, count again in the same session."""
+    count = select(func.count()).select_from(Team)
+    async with reader_maker() as reader:
+        before = (await reader.exec(count)).one()
+        async with writer_maker() as writer:
+            writer.add(Team(name=f"Committed in between {before}"))
+            await writer.commit()
+        return before, (await reader.exec(count)).one()
+
+
+async def test_a_read_engine_statement_sees_the_latest_commit(backend: str, engine) -> None:
+    read_engine = make_read_engine(engine.url)
+    try:
+        writers, readers = make_session_maker(engine), make_session_maker(read_engine)
+        before, after = await _teams_around_a_commit(readers, writers)
+        assert after == before + 1  # no transaction pins a snapshot between the two
+        # What a transaction would give instead: one snapshot, except under READ COMMITTED.
+        before, after = await _teams_around_a_commit(writers, writers)
+        assert after == before + (1 if backend == "postgresql" else 0)
+        assert pooling.pool_status(read_engine).pool == "FairAsyncQueuePool"
+    finally:
+        await read_engine.dispose()
+
+
+def test_a_read_engine_refuses_an_in_memory_database() -> None:
+    with pytest.raises(ConfigurationError, match="one connection"):
+        make_read_engine("sqlite+aiosqlite:///:memory:")

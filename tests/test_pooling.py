@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
@@ -115,6 +115,75 @@ async def test_bounded_concurrency_completes_200_tasks(make_test_engine: EngineF
     results = await gather_bounded(jobs, limit=pool_capacity(engine))
     assert len(results) == 200
     assert pool_status(engine).checked_out == 0
+
+
+async def wait_until_waiting(engine: AsyncEngine, waiters: int) -> None:
+    """Let tasks run until ``waiters`` of them wait for a connection."""
+    for _ in range(1000):
+        if len(engine.pool._pool._waiters) == waiters:  # private: the test looks inside
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"{waiters} waiter(s) expected")
+
+
+async def test_a_returned_connection_goes_to_the_longest_waiter(
+    make_test_engine: EngineFactory,
+) -> None:
+    engine = make_test_engine(pool_size=1, max_overflow=0, pool_timeout=5)
+    assert engine.pool.logger.name.startswith("sqlalchemy.pool.")  # logs where SQLAlchemy's do
+    served: list[str] = []
+
+    async def use(name: str) -> None:
+        async with engine.connect() as conn:
+            served.append(name)
+            await conn.execute(text("SELECT 1"))
+
+    newcomers: list[asyncio.Task[None]] = []
+
+    def newcomer_arrives(dbapi_connection: Any, record: Any) -> None:
+        # Runs just before the connection is put back: the newcomer's first step is
+        # scheduled ahead of the waiter's wake-up. SQLAlchemy's AsyncAdaptedQueuePool
+        # lets it take the connection; the waiter then queues again at the back.
+        if not newcomers:
+            newcomers.append(asyncio.create_task(use("newcomer")))
+
+    holder = await engine.connect()
+    await holder.exec_driver_sql("SELECT 1")
+    waiter = asyncio.create_task(use("waiter"))
+    await wait_until_waiting(engine, 1)
+    event.listen(engine.sync_engine.pool, "checkin", newcomer_arrives)
+    await holder.close()
+    await gather_or_cancel(waiter, *newcomers)
+    assert served == ["waiter", "newcomer"]
+    assert pool_status(engine).checked_out == 0
+
+
+@pytest.mark.parametrize("ending", ["timed out", "cancelled", "cancelled once handed one"])
+async def test_a_waiter_that_gives_up_loses_no_connection(
+    make_test_engine: EngineFactory, ending: str
+) -> None:
+    engine = make_test_engine(pool_size=1, max_overflow=0, pool_timeout=0.2)
+    holder = await engine.connect()
+    await holder.exec_driver_sql("SELECT 1")
+    waiter = asyncio.create_task(ping(engine))
+    await wait_until_waiting(engine, 1)
+    if ending == "timed out":
+        with pytest.raises(sqlalchemy.exc.TimeoutError):
+            await waiter
+    elif ending == "cancelled":
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    else:  # handed the connection, then cancelled before it could run
+        loop = asyncio.get_running_loop()
+        event.listen(engine.sync_engine.pool, "checkin", lambda *_: loop.call_soon(waiter.cancel))
+    await holder.close()
+    if not waiter.done():
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    assert pool_status(engine).checked_out == 0
+    assert pool_status(engine).checked_in == 1  # the connection is back in the pool
+    assert await asyncio.wait_for(ping(engine), 1) == 1
 
 
 async def test_gather_or_cancel_returns_results_in_order() -> None:
@@ -256,6 +325,7 @@ async def test_engine_is_bound_to_its_event_loop(
         with pytest.raises(RuntimeError, match="attached to a different loop"):
             await ping(engine)
         assert await ping(engine) == 1  # the pool dropped that connection, opened one here
+        await engine.dispose()
         gc.collect()
 
 

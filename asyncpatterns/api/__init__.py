@@ -1,7 +1,8 @@
 """FastAPI on async SQLModel: bad input is a 4xx, overload a 503, never a 500.
 
 * ``app.py`` -- ``create_app`` (the factory), ``lifespan``, the module-level ``app``.
-* ``dependencies.py`` -- ``get_session`` / ``SessionDep``: a session per request.
+* ``dependencies.py`` -- ``get_session`` / ``SessionDep``: a session per request;
+  ``ReadSessionDep`` for endpoints of one SELECT.
 * ``errors.py`` -- the one map from error to status: handlers, middleware.
 * ``schemas.py`` -- request and response models, bounded ids and pages.
 * ``idempotency.py`` -- ``answer_once``: a retried transfer moves money once.
@@ -13,7 +14,7 @@
 """
 
 from .app import POOL_TIMEOUT, app, create_app, lifespan
-from .dependencies import SessionDep, get_session
+from .dependencies import ReadSessionDep, SessionDep, get_read_session, get_session
 from .errors import (
     UnexpectedErrorsAsJSON,
     database_error,
@@ -71,6 +72,7 @@ __all__ = [
     "IdempotencyKeyHeader",
     "IfMatchHeader",
     "Limit",
+    "ReadSessionDep",
     "SessionDep",
     "Skip",
     "StreamingWithCleanup",
@@ -93,6 +95,7 @@ __all__ = [
     "delete_user_endpoint",
     "export_users_endpoint",
     "get_or_create_team_endpoint",
+    "get_read_session",
     "get_session",
     "lifespan",
     "read_account_endpoint",

@@ -1,7 +1,12 @@
-"""``SessionDep``: one database session per request, from the app's session maker.
+"""``SessionDep``: one database session per request, from the app's session maker;
+``ReadSessionDep``: one for an endpoint that only reads, with one statement.
 
-Use it as an endpoint parameter (``session: SessionDep``); ``create_app`` puts
-the session maker on ``app.state``. What goes wrong without it: a session
+Use them as endpoint parameters (``session: SessionDep``); ``create_app`` puts
+the session makers on ``app.state``. A read session's statements each commit on
+their own (``db.make_read_engine``): a GET costs one round trip, not three
+(BEGIN, SELECT, ROLLBACK), and its statements share no snapshot, so an endpoint
+that reads several things that must agree (a team and its members) uses
+``SessionDep``. What goes wrong without it: a session
 shared between requests mixes their transactions, and one that is not closed
 keeps its pooled connection until the pool runs dry (then every request is a
 503). It lives apart from ``app.py`` because the routers need it and ``app.py``
@@ -10,9 +15,11 @@ needs the routers.
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from ..db import is_connection_lost
@@ -29,7 +36,21 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     raised: raising would make the server drop the client's keep-alive
     connection, and the client's next request with it.
     """
-    session = request.app.state.session_maker()
+    async with _session(request, request.app.state.session_maker) as session:
+        yield session
+
+
+async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """``get_session`` on the app's read engine: for endpoints of one SELECT."""
+    async with _session(request, request.app.state.read_session_maker) as session:
+        yield session
+
+
+@asynccontextmanager
+async def _session(
+    request: Request, session_maker: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[AsyncSession]:
+    session = session_maker()
     try:
         yield session
     finally:
@@ -48,3 +69,4 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]

@@ -1,10 +1,12 @@
 """The database layer every pattern stands on: engines, units of work, errors.
 
 * ``engine.py`` -- ``make_engine`` (per-backend defaults: SQLite's foreign keys
-  and write lock, lock timeouts, pre-ping), ``make_session_maker``, tables,
+  and write lock, lock timeouts, pre-ping), ``make_read_engine`` (reads of one
+  statement, one round trip each), ``make_session_maker``, tables,
   throw-away databases for tests.
 * ``unit_of_work.py`` -- ``run_in_transaction``: whoever begins a transaction
   ends it; ``session_scope``; ``lock_for_writing``.
+* ``pool.py`` -- ``FairAsyncQueuePool``: waiting tasks get connections in arrival order.
 * ``attached.py`` -- rows written by Core statements, made known to the session.
 * ``errors.py`` -- what a database error means, from each backend's own code.
 * ``constraints.py`` -- a refused write, named from the table's constraints.
@@ -30,7 +32,9 @@ from .engine import (
     SQLITE_BEGIN,
     create_db_and_tables,
     drop_db_and_tables,
+    in_memory_sqlite,
     make_engine,
+    make_read_engine,
     make_session_maker,
     throwaway_database,
 )
@@ -44,6 +48,7 @@ from .errors import (
     is_lock_timeout,
     is_retryable,
 )
+from .pool import FairAsyncQueuePool
 from .unit_of_work import (
     TransactionOwnershipError,
     lock_for_writing,
@@ -61,6 +66,7 @@ __all__ = [
     "AlreadyExistsError",
     "CheckFailedError",
     "ConstraintError",
+    "FairAsyncQueuePool",
     "MissingValueError",
     "ReferenceNotFoundError",
     "StillReferencedError",
@@ -71,6 +77,7 @@ __all__ = [
     "create_db_and_tables",
     "drop_db_and_tables",
     "error_code",
+    "in_memory_sqlite",
     "is_connection_lost",
     "is_foreign_key_violation",
     "is_lock_timeout",
@@ -78,6 +85,7 @@ __all__ = [
     "is_unique_violation",
     "lock_for_writing",
     "make_engine",
+    "make_read_engine",
     "make_session_maker",
     "run_in_transaction",
     "session_scope",

@@ -12,6 +12,10 @@ to get sessions from it. What goes wrong with a plain ``create_async_engine``:
   loop, before ``BEGIN IMMEDIATE``.
 * A writer that waits for a lock forever takes a pooled connection with it:
   a lock timeout is set on every backend (5 s by default).
+* When requests outnumber connections, SQLAlchemy's async pool lets a
+  newcomer take a returned connection before the task woken for it: a few
+  waiters lose every time until ``pool_timeout``. Here the pool serves
+  waiters in arrival order (``pool.py``).
 * A pooled connection the server has closed (restart, ``wait_timeout``) fails
   the next query unless the pool pre-pings it.
 * sqlite3 stores a numpy or pandas scalar (``numpy.int64``, ``numpy.bool_``)
@@ -38,12 +42,13 @@ from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import await_only
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from ..config import ConfigurationError, DatabaseUnavailableError, mask_password, resolve_url
+from .pool import FairAsyncQueuePool
 
 # Server backends: keep a few connections, test each before use, and replace
 # them before MySQL's wait_timeout (8 h by default) or a proxy's idle cut-off.
@@ -67,6 +72,11 @@ _INSTALL_HINT = 'pip install sqlmodel "sqlalchemy[asyncio]" aiosqlite asyncpg ai
 SQLITE_BEGIN = "asyncpatterns_sqlite_begin"
 
 
+def in_memory_sqlite(url: URL) -> bool:
+    """True for an in-memory SQLite URL: each new connection is a new, empty database."""
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
 def make_engine(
     url: str | URL | None = None, *, lock_timeout: float | None = LOCK_TIMEOUT, **options: Any
 ) -> AsyncEngine:
@@ -82,12 +92,16 @@ def make_engine(
     backend = resolved.get_backend_name()
     if backend == "mysql" and "charset" not in resolved.query:
         resolved = resolved.update_query_dict({"charset": "utf8mb4"})
-    defaults: dict[str, Any] = {} if backend == "sqlite" else dict(SERVER_POOL_DEFAULTS)
-    if backend == "sqlite" and resolved.database in (None, "", ":memory:"):
+    # Every pool hands connections to waiters in arrival order (pool.py). SQLite
+    # files keep SQLAlchemy's sizes (5 + 10) and need no pre-ping.
+    defaults: dict[str, Any] = {"poolclass": FairAsyncQueuePool}
+    if backend != "sqlite":
+        defaults.update(SERVER_POOL_DEFAULTS)
+    if in_memory_sqlite(resolved):
         # Each connection to :memory: is a new, empty database. One connection,
         # handed to one session at a time: the others wait for it (StaticPool
         # would hand the same connection to every session at once).
-        defaults = {"poolclass": AsyncAdaptedQueuePool, "pool_size": 1, "max_overflow": 0}
+        defaults = {"poolclass": FairAsyncQueuePool, "pool_size": 1, "max_overflow": 0}
     if not issubclass(options.get("poolclass", QueuePool), QueuePool):
         # NullPool, StaticPool...: no pool to size; keep pre-ping and recycle.
         defaults = {k: v for k, v in defaults.items() if k in _ANY_POOL_OPTIONS}
@@ -113,6 +127,29 @@ def make_engine(
     return engine
 
 
+def make_read_engine(url: str | URL | None = None, **options: Any) -> AsyncEngine:
+    """An engine for reads of one statement each: every statement commits on its own.
+
+    A read in a transaction costs three round trips (BEGIN, the SELECT,
+    ROLLBACK; on SQLite three hops to the driver's thread); here it costs
+    one. What it gives up: two statements in one session do not share a
+    snapshot (under PostgreSQL's default READ COMMITTED they never do; under
+    MySQL's REPEATABLE READ and on SQLite a transaction would pin one). One
+    statement always sees one consistent state. Write, and read several
+    things that must agree, with ``make_engine``'s sessions.
+
+    Not for ``:memory:`` SQLite: that would be a second, empty database.
+    """
+    resolved = resolve_url(url)
+    if in_memory_sqlite(resolved):
+        raise ConfigurationError("an in-memory SQLite database has one connection: use its engine")
+    if resolved.get_backend_name() != "sqlite":
+        # No ROLLBACK when a connection goes back to the pool: there is no transaction.
+        # (sqlite3 reports autocommit on every connection here, so SQLite keeps it.)
+        options = {"skip_autocommit_rollback": True, **options}
+    return make_engine(resolved, isolation_level="AUTOCOMMIT", **options)
+
+
 def _lock_timeout_connect_args(backend: str, seconds: float) -> dict[str, Any]:
     if backend == "postgresql":  # asyncpg sends these when it connects
         return {"server_settings": {"lock_timeout": str(int(seconds * 1000))}}
@@ -124,7 +161,7 @@ def _configure_sqlite(engine: AsyncEngine, busy_ms: int, autocommit_engine: bool
     """Foreign keys on, a busy timeout, WAL for files, BEGIN emitted by us, and
     writers that take turns."""
     _bind_numpy_scalars_as_numbers()
-    file_database = engine.url.database not in (None, "", ":memory:")
+    file_database = not in_memory_sqlite(engine.url)
     # :memory: has one connection (pool_size=1): its sessions already take turns.
     writers = _WriterQueue(busy_ms / 1000) if busy_ms and file_database else None
 
@@ -298,7 +335,7 @@ async def throwaway_database(
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     if resolved.get_backend_name() == "sqlite":
         database = resolved.database
-        folder = None if database in (None, "", ":memory:") else Path(database).parent
+        folder = None if in_memory_sqlite(resolved) else Path(database).parent
         with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir=folder) as scratch:
             yield resolved.set(database=str(Path(scratch) / f"{name}.db"))
         return

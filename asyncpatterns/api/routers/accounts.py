@@ -25,7 +25,7 @@ from ...transactions import (
     move_money,
     open_account,
 )
-from ..dependencies import SessionDep
+from ..dependencies import ReadSessionDep, SessionDep
 from ..errors import _errors
 from ..idempotency import IdempotencyKeyHeader, answer_once
 from ..schemas import AccountCreate, AccountId, AccountRead, TransferCreate, TransferRead
@@ -40,7 +40,7 @@ async def create_account_endpoint(account: AccountCreate, session: SessionDep) -
 
 
 @router.get("/accounts/{account_id}", responses=_errors(404), tags=["accounts"])
-async def read_account_endpoint(account_id: AccountId, session: SessionDep) -> AccountRead:
+async def read_account_endpoint(account_id: AccountId, session: ReadSessionDep) -> AccountRead:
     account = await session.get(Account, account_id)
     if account is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Account not found")

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from ... import crud, exports, locking
 from ...models import User, UserCreate, UserRead, UserUpdate
-from ..dependencies import SessionDep
+from ..dependencies import ReadSessionDep, SessionDep
 from ..errors import _errors
 from ..schemas import Deleted, Limit, Skip, UserId
 
@@ -135,7 +135,9 @@ async def _export_body(
 
 
 @router.get("/users/{user_id}", responses=_errors(404), tags=["users"])
-async def read_user_endpoint(user_id: UserId, session: SessionDep, response: Response) -> UserRead:
+async def read_user_endpoint(
+    user_id: UserId, session: ReadSessionDep, response: Response
+) -> UserRead:
     """The user, with its version as a strong ``ETag``: send it back in ``If-Match``."""
     user = await crud.get_user(session, user_id)
     if user is None:
@@ -146,7 +148,7 @@ async def read_user_endpoint(user_id: UserId, session: SessionDep, response: Res
 
 @router.get("/users/", tags=["users"])
 async def read_users_endpoint(
-    session: SessionDep, skip: Skip = 0, limit: Limit = crud.MAX_PAGE_SIZE
+    session: ReadSessionDep, skip: Skip = 0, limit: Limit = crud.MAX_PAGE_SIZE
 ) -> list[UserRead]:
     """One page of users in id order; ``limit`` is at most 100."""
     users = await crud.get_users(session, skip=skip, limit=limit)
