@@ -704,3 +704,14 @@ async def test_openapi_documents_every_answer(app) -> None:
         for code in EXPECTED_ERRORS[key] - {"422"}:
             error_schema = answers[code]["content"]["application/json"]["schema"]
             assert error_schema == {"$ref": "#/components/schemas/ErrorMessage"}, key
+
+
+def test_the_app_has_no_base_http_middleware() -> None:
+    # BaseHTTPMiddleware runs the rest of the app in a task of its own and streams the
+    # answer back through a channel, on every request: the kit's middleware is pure ASGI.
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    app = create_app("sqlite+aiosqlite:///:memory:")
+    assert app.user_middleware, "the app registers its middleware"
+    for middleware in app.user_middleware:
+        assert not issubclass(middleware.cls, BaseHTTPMiddleware), middleware

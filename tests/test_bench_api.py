@@ -95,14 +95,17 @@ def test_the_report_counts_every_answer_that_is_not_2xx_and_gives_ratios() -> No
     assert set(ENDPOINTS) == {"get", "list", "post", "patch"}
 
 
-def test_the_ci_check_finds_a_rung_without_answers_and_a_500_from_the_kit() -> None:
+def test_the_ci_check_finds_a_rung_without_answers_and_a_kit_answer_not_2xx_or_503() -> None:
     report = ApiReport("sqlite", "sqlite+aiosqlite:///x.db", 1.0, "asyncio", "h11")
     report.cells = [_cell(rung, e, 10, {"200": 10}) for rung in ladder.RUNGS for e in ENDPOINTS]
-    assert check_report(report.as_json()) == []
+    report.cells.append(_cell("kit", "get", 10, {"200": 8, "503": 2}, retry_after=2))
+    assert check_report(report.as_json()) == []  # overload answered as it should be
     report.cells[0] = _cell("raw", "get", 0, {})
     report.cells[-1] = _cell("kit", "post", 10, {"201": 9, "500": 1})
+    report.cells[-2] = _cell("kit", "get", 10, {"200": 9, "503": 1}, socket_errors=1)
     report.skipped["sync"] = "psycopg is not installed"
     assert check_report(report.as_json()) == [
         "raw get: no answers",
-        "kit post @32: 500s {'201': 9, '500': 1}",
+        "kit get @32: 2 answers neither 2xx nor 503 with Retry-After {'200': 9, '503': 1}",
+        "kit post @32: 1 answers neither 2xx nor 503 with Retry-After {'201': 9, '500': 1}",
     ]

@@ -307,11 +307,22 @@ def kit() -> FastAPI:
 # -- sync: the seed's endpoints on synchronous sessions, in the thread pool -----------------
 
 SYNC_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "sqlite": "sqlite"}
+SYNC_THREADS = 40  # AnyIO's default thread limiter: the most def endpoints that run at once
 
 
 def sync() -> FastAPI:
     url = _url()
-    engine = create_engine(url.set(drivername=SYNC_DRIVERS[url.get_backend_name()]))
+    # One connection per worker thread (AnyIO's default limit is 40 threads). With
+    # SQLAlchemy's default pool (5 + 10) and 128 clients, all 40 threads wait for a
+    # connection, while each request that holds one needs a thread too: FastAPI
+    # validates a def endpoint's answer in the thread pool, and the session keeps its
+    # connection until then. The app stalls for pool_timeout (30 s); measured, no
+    # answer at all in the bench's cells after the first at 128 connections.
+    engine = create_engine(
+        url.set(drivername=SYNC_DRIVERS[url.get_backend_name()]),
+        pool_size=SYNC_THREADS,
+        max_overflow=0,
+    )
     app = FastAPI()
 
     def get_session() -> Iterator[Session]:
