@@ -476,3 +476,80 @@ async def test_a_failed_connection_never_prints_the_password(python: Spawn) -> N
     assert process.returncode == 2
     assert "s3cret" not in (stdout + stderr).decode()
     assert "postgresql+asyncpg://app:***@127.0.0.1:9/shop" in stderr.decode()
+
+
+# -- Adopting a database create_all made --------------------------------------------------
+
+
+async def made_by_create_all(new_database: NewDatabase) -> URL:
+    """A database as the app made it before migrations: create_all, and some rows."""
+    url = await new_database()
+    engine = make_engine(url)
+    try:
+        await create_db_and_tables(engine)
+    finally:
+        await engine.dispose()
+    await execute(
+        url,
+        "INSERT INTO team (id, name) VALUES (1, 'Platform')",
+        "INSERT INTO {user} (id, name, email, is_active, team_id, version) "
+        "VALUES (1, 'Ada', 'ada@example.com', TRUE, 1, 4)",
+        "INSERT INTO account (id, owner, balance, is_verified) VALUES (1, 'Ada', 10, FALSE)",
+    )
+    return url
+
+
+STORED = "SELECT version FROM {user}", "SELECT is_verified FROM account"
+
+
+async def test_upgrade_on_a_create_all_database_names_the_stamp_that_adopts_it(
+    new_database: NewDatabase,
+) -> None:
+    url = await made_by_create_all(new_database)
+    head = migrations.head()
+    with pytest.raises(
+        migrations.UnmanagedDatabaseError,
+        match=rf"no migration revision .* revision {head}'s: .*migrate stamp {head}`",
+    ):
+        await migrations.upgrade(url)
+    assert await migrations.current(url) is None
+    assert await execute(url, *STORED) == [[(4,)], [(0,)]]  # nothing changed
+
+
+async def test_stamp_refuses_a_revision_whose_schema_the_database_does_not_have(
+    new_database: NewDatabase,
+) -> None:
+    url = await made_by_create_all(new_database)
+    head = migrations.head()
+    refused = rf"refusing to stamp {REVISIONS[0]}: .*user\.version extra.*stamp {head}`"
+    with pytest.raises(migrations.SchemaMismatchError, match=refused):
+        await migrations.stamp(url, REVISIONS[0])
+    assert await migrations.current(url) is None
+    assert await migrations.stamp(url, "head") == head  # the revision it has: recorded
+    assert await migrations.upgrade(url) == []  # nothing to run over the data
+    with pytest.raises(migrations.SchemaMismatchError, match=refused):
+        await migrations.stamp(url, REVISIONS[0])  # and never moved back
+    assert await migrations.current(url) == head
+    assert await execute(url, *STORED) == [[(4,)], [(0,)]]
+
+
+async def test_the_migrate_command_says_in_one_line_how_to_adopt(
+    new_database: NewDatabase, python: Spawn
+) -> None:
+    url = (await made_by_create_all(new_database)).render_as_string(hide_password=False)
+    head = migrations.head()
+
+    async def run(*args: str) -> tuple[int | None, str]:
+        process = await python("-m", "asyncpatterns", "migrate", "--url", url, *args)
+        async with asyncio.timeout(WAIT):
+            _, stderr = await process.communicate()
+        return process.returncode, stderr.decode()
+
+    code, stderr = await run("upgrade", "head")
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert len(errors) == 1 and f"`python -m asyncpatterns migrate stamp {head}`" in errors[0]
+    code, stderr = await run("stamp", REVISIONS[0])
+    assert code == 2 and f"refusing to stamp {REVISIONS[0]}" in stderr, stderr
+    assert (await run("stamp", head))[0] == 0
+    assert await migrations.current(url) == head

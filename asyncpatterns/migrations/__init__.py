@@ -22,10 +22,11 @@ found as everywhere in the kit: the argument (``--url``, ``-x url=...``), then
 ``$DATABASE_URL``, then the embedded SQLite file; it is never printed with its password.
 
 The environment (``env.py``) is the ``alembic init -t async`` one, plus what a copy of
-that lacks, in two rooms beside this one: ``locking.py`` (two migrations take turns, a
+that lacks, in three rooms beside this one: ``locking.py`` (two migrations take turns, a
 DDL statement waits briefly for a busy table, SQLite copies tables without losing rows
-or ids) and ``compare.py`` (the options ``env.py`` configures Alembic with: the kit's
-column types written into a migration as what they store).
+or ids), ``compare.py`` (the options ``env.py`` configures Alembic with: the kit's
+column types written into a migration as what they store) and ``adopt.py`` (a database
+``create_all`` made: ``upgrade`` names the revision it has, ``stamp`` checks it first).
 """
 
 from __future__ import annotations
@@ -50,8 +51,16 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from .. import models  # noqa: F401  (registers the kit's tables on SQLModel.metadata)
-from ..config import ConfigurationError, DatabaseUnavailableError, backend_name
+from ..config import ConfigurationError, DatabaseUnavailableError, backend_name, resolve_url
 from ..db import LOCK_TIMEOUT, make_engine
+from .adopt import (  # noqa: F401  (env.py and the tests import them from here)
+    SchemaMismatchError,
+    UnmanagedDatabaseError,
+    explain_unmanaged,
+    matching_revision,
+    refuse_unmanaged,
+    stamp,
+)
 from .compare import (  # noqa: F401  (env.py, the tests and notebooks import them from here)
     compare_server_default,
     context_options,
@@ -82,8 +91,13 @@ async def upgrade(
 
     Safe to run from several processes at once: one migrates, the others wait for it
     (up to ``lock_wait`` seconds), then find nothing left to do and return ``[]``.
+    A database with the kit's tables and no revision (``create_all`` made it) is
+    refused with ``UnmanagedDatabaseError``, which names the ``stamp`` that adopts it.
     """
-    return await _run(url, lock_wait, command.upgrade, revision)
+    try:
+        return await _run(url, lock_wait, command.upgrade, revision)
+    except UnmanagedDatabaseError as exc:
+        raise await explain_unmanaged(resolve_url(url), exc.tables) from None
 
 
 async def downgrade(
@@ -133,6 +147,11 @@ async def check(url: str | URL | None = None) -> list[Any]:
     return await _on_connection(url, MIGRATION_LOCK_WAIT, _differences)
 
 
+async def _stamp_unchecked(url: str | URL | None, revision: str) -> None:
+    """Alembic's stamp: ``adopt.stamp`` calls it once the schema is checked."""
+    await _run(url, MIGRATION_LOCK_WAIT, command.stamp, revision)
+
+
 def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
@@ -148,7 +167,9 @@ async def _run(
 ) -> list[str]:
     def run(connection: Connection) -> list[str]:
         config = alembic_config()
-        config.attributes.update(connection=connection, lock_wait=lock_wait, steps=[])
+        config.attributes.update(
+            connection=connection, lock_wait=lock_wait, steps=[], command=alembic_command.__name__
+        )
         alembic_command(config, revision)
         return config.attributes["steps"]
 
@@ -226,7 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # setup chatter
     try:
-        cli.run_cmd(config, options)
+        if options.cmd[0] is command.stamp and not options.sql:
+            # The kit's stamp: only a revision whose schema the database has.
+            for revision in options.revisions:
+                asyncio.run(stamp(options.url, revision))
+        else:
+            try:
+                cli.run_cmd(config, options)
+            except UnmanagedDatabaseError as exc:  # an upgrade on what create_all made
+                raise asyncio.run(explain_unmanaged(resolve_url(options.url), exc.tables)) from None
     except (ConfigurationError, DatabaseUnavailableError, MigrationLockTimeout) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from asyncpatterns.migrations import (
     context_options,
     migration_engine,
     migration_transaction,
+    refuse_unmanaged,
 )
 
 config = context.config
@@ -31,6 +32,14 @@ if config.config_file_name is not None:  # plain `alembic`: logging set up by al
 def database_url() -> str | None:
     """The URL given to this run, if any (``make_engine`` falls back to the environment)."""
     return config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url")
+
+
+def running(command: str) -> bool:
+    """Whether this run is Alembic's ``command`` (from the kit's API or a command line)."""
+    if config.attributes.get("command") == command:
+        return True
+    cmd = getattr(config.cmd_opts, "cmd", None)
+    return bool(cmd) and getattr(cmd[0], "__name__", None) == command
 
 
 def run_migrations_offline() -> None:
@@ -45,6 +54,8 @@ def do_run_migrations(connection: Connection) -> None:
     """Run the migrations on a sync ``Connection``, holding the migration lock."""
     lock_wait = config.attributes.get("lock_wait", MIGRATION_LOCK_WAIT)
     with migration_transaction(connection, lock_wait):
+        if running("upgrade"):
+            refuse_unmanaged(connection)  # tables create_all made, no revision: say what to do
         context.configure(connection=connection, **context_options(config.attributes.get("steps")))
         context.run_migrations()
 
