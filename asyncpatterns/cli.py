@@ -3,8 +3,10 @@
 ``tour`` runs every pattern once against the embedded SQLite file (or ``--url`` /
 ``$DATABASE_URL``) and prints a short report (``tour.py``).
 
-``serve`` runs the FastAPI app (``asyncpatterns.api``) with uvicorn, on
-127.0.0.1:8000 by default; the API docs are at ``/docs``.
+``serve`` migrates the database to the newest revision, once, then runs the FastAPI
+app (``asyncpatterns.api``) with uvicorn (``--workers N`` processes), on
+127.0.0.1:8000 by default; the API docs are at ``/docs``. Each worker's app checks
+the schema at start-up instead of calling ``create_all``.
 
 ``notebooks`` re-executes the notebooks on a scratch SQLite file and stores
 their outputs, the baseline nbval compares against.
@@ -19,6 +21,7 @@ the same as ``python -m asyncpatterns.migrations``.
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
@@ -26,26 +29,41 @@ from pathlib import Path
 import uvicorn
 
 from .bench import SCENARIOS, bench_command
-from .config import ConfigurationError, DatabaseUnavailableError
+from .config import ConfigurationError, DatabaseUnavailableError, resolve_url
 from .db import make_engine
 from .tour import TOUR_STEPS, tour  # noqa: F401  (TOUR_STEPS: the tests import it from cli too)
 
 
-def serve(url: str | None, host: str, port: int) -> int:
-    """Serve the API with uvicorn; an unreachable database fails here, in one line."""
-    from .api import create_app  # here: importing api builds its module-level app
+def serve(url: str | None, host: str, port: int, workers: int = 1) -> int:
+    """Migrate the database to head once, then serve the API with uvicorn (``workers``
+    processes). An unreachable database, or one ``create_all`` made that needs adopting,
+    fails here, in one line."""
+    from . import migrations
     from .bench.served import event_loop_name, http_parser_name
 
     _run(_check_database(url))
+    applied = _run(migrations.upgrade(url))  # before any worker starts: no start-up race
+    print(
+        f"schema: at revision {migrations.head()}"
+        + (f" (applied {', '.join(applied)})" if applied else "")
+    )
     loop, http = event_loop_name(), http_parser_name()
     hint = (
         ""
         if (loop, http) == ("uvloop", "httptools")
         else " (faster: pip install 'asyncpatterns[serve]')"
     )
-    print(f"serving on http://{host}:{port}: {loop} event loop, {http} HTTP parser{hint}")
+    print(
+        f"serving on http://{host}:{port}: {workers} worker(s), {loop} event loop, "
+        f"{http} HTTP parser{hint}",
+        flush=True,
+    )
+    if url is not None:  # each worker builds its app from the environment
+        os.environ["DATABASE_URL"] = resolve_url(url).render_as_string(hide_password=False)
     # uvicorn's loop="auto" and http="auto" pick uvloop and httptools when installed.
-    uvicorn.run(create_app(url), host=host, port=port)
+    uvicorn.run(
+        "asyncpatterns.api.app:migrated_app", factory=True, host=host, port=port, workers=workers
+    )
     return 0
 
 
@@ -122,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
     serve_parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000, help="default: 8000")
+    serve_parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (default: 1)"
+    )
     notebooks_parser = commands.add_parser(
         "notebooks", help="re-execute notebooks on scratch SQLite and store their outputs"
     )
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.stream_rows,
             )
         if args.command == "serve":
-            return serve(args.url, args.host, args.port)
+            return serve(args.url, args.host, args.port, args.workers)
         if args.command == "notebooks":
             from .notebook import regenerate  # needs the [lab] extra
 

@@ -1,8 +1,10 @@
 """The FastAPI app, on every backend: each endpoint, and bad input never a 500."""
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL, make_url
 
-from asyncpatterns import pooling
+from asyncpatterns import migrations, pooling
 from asyncpatterns.api import create_app
 from asyncpatterns.cli import TOUR_STEPS
 from asyncpatterns.config import DatabaseUnavailableError
@@ -615,29 +617,83 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def test_serve_answers_over_http(database_url) -> None:
+async def serving(url: URL, *options: str) -> tuple[int, asyncio.subprocess.Process]:
+    """``python -m asyncpatterns serve`` on ``url`` in a process group of its own."""
     port = free_port()
-    url = database_url.render_as_string(hide_password=False)
-    command = ["-m", "asyncpatterns", "serve", "--url", url, "--port", str(port)]
+    command = ["-m", "asyncpatterns", "serve", "--url", url.render_as_string(hide_password=False)]
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         *command,
-        stdout=asyncio.subprocess.DEVNULL,
+        "--port",
+        str(port),
+        *options,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,  # its workers are stopped with it
     )
+    return port, server
+
+
+async def stop(server: asyncio.subprocess.Process) -> str:
+    """Stop the server and its workers; what it printed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    async with asyncio.timeout(30):
+        stdout, _ = await server.communicate()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)  # a worker that did not stop
+    return stdout.decode()
+
+
+async def first_answer(client: httpx.AsyncClient, path: str) -> httpx.Response:
+    for _ in range(300):  # start-up: up to 30 s
+        try:
+            return await client.get(path)
+        except httpx.TransportError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no answer to GET {path} within 30 s")
+
+
+async def test_serve_migrates_then_answers_over_http(empty_database_url) -> None:
+    port, server = await serving(empty_database_url)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(150):  # start-up: up to 15 s
-                try:
-                    response = await client.get("/users/")
-                    break
-                except httpx.ConnectError:
-                    await asyncio.sleep(0.1)
+            response = await first_answer(client, "/users/")
             assert (response.status_code, response.json()) == (200, [])
             assert "/transfers/" in (await client.get("/openapi.json")).json()["paths"]
     finally:
-        server.terminate()
-        await server.wait()
+        printed = await stop(server)
+    head = migrations.head()
+    assert f"schema: at revision {head} (applied " in printed
+    assert await migrations.current(empty_database_url) == head
+
+
+async def test_serve_with_workers_migrates_once_and_every_start_serves(empty_database_url) -> None:
+    # Several workers, started three times in a row on a fresh database: the schema is
+    # migrated once, before the workers start, and no start fails (with create_all in
+    # each worker's start-up, SQLite's workers raced for the write lock).
+    applied = []
+    for _ in range(3):
+        port, server = await serving(empty_database_url, "--workers", "2")
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                assert (await first_answer(client, "/users/")).status_code == 200
+                answers = await asyncio.gather(*(client.get("/users/") for _ in range(20)))
+                assert {answer.status_code for answer in answers} == {200}
+        finally:
+            printed = await stop(server)
+        assert "2 worker(s)" in printed, printed
+        applied.append("(applied " in printed)
+    assert applied == [True, False, False]
+
+
+def test_serve_on_a_database_create_all_made_names_the_stamp(database_url) -> None:
+    url = database_url.render_as_string(hide_password=False)
+    command = [sys.executable, "-m", "asyncpatterns", "serve", "--url", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"`python -m asyncpatterns migrate stamp {migrations.head()}`" in result.stderr
 
 
 def test_serve_on_an_unreachable_database_fails_in_one_line(tmp_path) -> None:

@@ -15,6 +15,7 @@ tracebacks as 500s, and dropped keep-alive connections.
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -48,8 +49,15 @@ POOL_TIMEOUT = 3.0
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Create the tables before the first request; close the pool at shutdown."""
-    await create_db_and_tables(app.state.engine)
+    """Before the first request, create the tables (``schema="create_all"``: tests,
+    notebooks, the tour) or refuse a database not migrated to head
+    (``schema="require_head"``: what ``serve`` runs); close the pools at shutdown."""
+    if app.state.schema == "require_head":
+        from .. import migrations  # Alembic: only for apps that check their schema
+
+        await migrations.require_head(app.state.engine.url)
+    else:
+        await create_db_and_tables(app.state.engine)
     try:
         yield
     finally:
@@ -62,6 +70,7 @@ def create_app(
     pool_timeout: float = POOL_TIMEOUT,
     lock_timeout: float = LOCK_TIMEOUT,
     require_if_match: bool = False,
+    schema: Literal["create_all", "require_head"] = "create_all",
 ) -> FastAPI:
     """The app on ``url`` (default: ``$DATABASE_URL``, then the embedded SQLite file).
 
@@ -69,7 +78,12 @@ def create_app(
     ``pool_timeout`` is how long a request waits for a pooled connection,
     ``lock_timeout`` how long a statement waits for a locked row (seconds).
     ``require_if_match``: a PATCH without If-Match is 428, not last-write-wins.
+    ``schema``: ``"create_all"`` creates missing tables at start-up; ``"require_head"``
+    (production: migrate first, ``python -m asyncpatterns migrate upgrade head``)
+    refuses to start unless the database is at the newest migration.
     """
+    if schema not in ("create_all", "require_head"):
+        raise ValueError(f"schema must be 'create_all' or 'require_head', got {schema!r}")
     # FastAPIOffline: FastAPI, with /docs and /redoc served from the installed
     # package instead of a CDN, so the docs work without internet access.
     app = FastAPIOffline(
@@ -91,6 +105,7 @@ def create_app(
         app.state.read_engine = reads
     app.state.read_session_maker = make_session_maker(app.state.read_engine)
     app.state.require_if_match = require_if_match
+    app.state.schema = schema
     app.add_exception_handler(DatabaseUnavailableError, database_unavailable)
     app.add_exception_handler(PoolTimeoutError, database_unavailable)
     app.add_exception_handler(DBAPIError, database_error)
@@ -103,3 +118,9 @@ def create_app(
 
 
 app = create_app()
+
+
+def migrated_app() -> FastAPI:
+    """The app ``serve`` runs (``uvicorn --factory``, once per worker): on
+    ``$DATABASE_URL``, refusing a database that is not at the newest migration."""
+    return create_app(schema="require_head")
