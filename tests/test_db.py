@@ -1,4 +1,5 @@
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -6,7 +7,7 @@ import uuid
 import pytest
 from sqlalchemy import func, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import select
 
 from asyncpatterns import crud, pooling
@@ -323,3 +324,26 @@ async def test_a_read_engine_statement_sees_the_latest_commit(backend: str, engi
 def test_a_read_engine_refuses_an_in_memory_database() -> None:
     with pytest.raises(ConfigurationError, match="one connection"):
         make_read_engine("sqlite+aiosqlite:///:memory:")
+
+
+async def test_a_failed_statement_shows_no_bound_value(database_url, caplog) -> None:
+    # Emails and names are personal data: neither the error nor the SQL log holds them.
+    engine = make_engine(database_url, echo=True)  # echo: every statement logged at INFO
+    secret = {"name": "Grace Secret", "email": "grace.secret@example.com"}
+    insert = text("INSERT INTO team (id, name) VALUES (:id, :name)")
+    try:
+        with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"):
+            async with engine.begin() as conn:
+                await conn.execute(insert, {"id": 99, "name": secret["name"]})
+                with pytest.raises(IntegrityError) as info:  # the same id twice
+                    await conn.execute(insert, {"id": 99, "name": secret["email"]})
+                await conn.rollback()
+    finally:
+        await engine.dispose()
+    assert "parameters hidden" in str(info.value)
+    for value in secret.values():
+        assert value not in str(info.value) and value not in caplog.text
+    assert "INSERT INTO team" in caplog.text  # the statement itself is still logged
+    shown = make_engine(database_url, hide_parameters=False)  # the documented switch
+    assert not shown.sync_engine.hide_parameters
+    await shown.dispose()

@@ -105,6 +105,10 @@ def make_engine(
     if not issubclass(options.get("poolclass", QueuePool), QueuePool):
         # NullPool, StaticPool...: no pool to size; keep pre-ping and recycle.
         defaults = {k: v for k, v in defaults.items() if k in _ANY_POOL_OPTIONS}
+    # Bound values (emails, names) never reach a log or an error message: SQLAlchemy
+    # prints them with a failed statement and with echo. Pass hide_parameters=False
+    # to see them, on data that is not anyone's.
+    defaults["hide_parameters"] = True
     if lock_timeout is not None and backend != "sqlite":
         connect_args = _lock_timeout_connect_args(backend, lock_timeout)
         for key, value in options.get("connect_args", {}).items():
