@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from asyncpatterns.config import DatabaseUnavailableError
-from asyncpatterns.db import SERVER_POOL_DEFAULTS, make_engine
+from asyncpatterns.db import SERVER_POOL_DEFAULTS, make_engine, make_read_engine
 from asyncpatterns.pooling import (
     RECOMMENDED_SETTINGS,
     checked_out,
@@ -184,6 +184,34 @@ async def test_a_waiter_that_gives_up_loses_no_connection(
     assert pool_status(engine).checked_out == 0
     assert pool_status(engine).checked_in == 1  # the connection is back in the pool
     assert await asyncio.wait_for(ping(engine), 1) == 1
+
+
+async def test_a_cancelled_waiter_keeps_its_connection_even_when_the_queue_is_full(
+    server_backend: str, database_url: URL
+) -> None:
+    # Found by an adversarial review: the waiter is handed a connection and cancelled
+    # before it runs, and meanwhile the other connection fills the idle queue. Passing
+    # its connection on must not fail with Full (the connection was lost, and the pool
+    # counted it checked out for ever). The read engine returns a connection without
+    # a round trip (no ROLLBACK), so nothing runs in between: the order is exact.
+    engine = make_read_engine(database_url, pool_size=1, max_overflow=1, pool_timeout=5)
+    try:
+        first, second = await engine.connect(), await engine.connect()
+        for conn in (first, second):
+            await conn.exec_driver_sql("SELECT 1")
+        waiter = asyncio.create_task(ping(engine))
+        await wait_until_waiting(engine, 1)
+        await first.close()  # handed to the waiter, which has not run yet
+        waiter.cancel()
+        await second.close()  # no waiter left: into the idle queue, which is now full
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert pool_status(engine).checked_out == 0
+        both = [await asyncio.wait_for(engine.connect(), 2) for _ in range(2)]  # 1 + 1
+        for conn in both:
+            await conn.close()
+    finally:
+        await engine.dispose()
 
 
 async def test_gather_or_cancel_returns_results_in_order() -> None:

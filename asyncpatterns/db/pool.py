@@ -40,14 +40,20 @@ class FairAsyncQueue(QueueCommon[Any]):
         return len(self._items)
 
     def put_nowait(self, item: Any) -> None:
-        while self._waiters:  # hand it to the longest waiter: nobody can take it on the way
+        if self._hand_over(item):
+            return
+        if self.full():
+            raise Full()  # the pool closes the connection (an overflow one)
+        self._items.append(item)
+
+    def _hand_over(self, item: Any) -> bool:
+        """Give ``item`` to the longest waiter: nobody can take it on the way."""
+        while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(item)
-                return
-        if self.full():
-            raise Full()
-        self._items.append(item)
+                return True
+        return False
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         self.put_nowait(item)  # the pool only ever puts without blocking
@@ -71,7 +77,11 @@ class FairAsyncQueue(QueueCommon[Any]):
         except BaseException as exc:  # the timeout, or the request was cancelled
             if waiter.done() and not waiter.cancelled():
                 # Handed a connection just as the wait ended: pass it on, never lose it.
-                self.put_nowait(waiter.result())
+                # The pool already counts it as idle, so it is kept even past maxsize
+                # (Full here would drop it, and the pool would count it checked out).
+                item = waiter.result()
+                if not self._hand_over(item):
+                    self._items.append(item)
             else:
                 waiter.cancel()  # put_nowait skips it
             if isinstance(exc, TimeoutError):
