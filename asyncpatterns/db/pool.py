@@ -50,7 +50,8 @@ class FairAsyncQueue(QueueCommon[Any]):
         """Give ``item`` to the longest waiter: nobody can take it on the way."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
+            # A waiter of an event loop that ended without cancelling it: nobody to hand to.
+            if not waiter.done() and not waiter.get_loop().is_closed():
                 waiter.set_result(item)
                 return True
         return False

@@ -45,6 +45,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import CommandLine, Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
@@ -97,7 +98,11 @@ async def upgrade(
     try:
         return await _run(url, lock_wait, command.upgrade, revision)
     except UnmanagedDatabaseError as exc:
-        raise await explain_unmanaged(resolve_url(url), exc.tables) from None
+        try:
+            explained = await explain_unmanaged(resolve_url(url), exc.tables)
+        except ConfigurationError:  # no scratch database (no CREATE DATABASE): say less
+            raise exc from None
+        raise explained from None
 
 
 async def downgrade(
@@ -255,8 +260,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 cli.run_cmd(config, options)
             except UnmanagedDatabaseError as exc:  # an upgrade on what create_all made
-                raise asyncio.run(explain_unmanaged(resolve_url(options.url), exc.tables)) from None
-    except (ConfigurationError, DatabaseUnavailableError, MigrationLockTimeout) as exc:
+                try:
+                    explained = asyncio.run(explain_unmanaged(resolve_url(options.url), exc.tables))
+                except ConfigurationError:  # no scratch database: the shorter line
+                    raise exc from None
+                raise explained from None
+    except (
+        ConfigurationError,
+        DatabaseUnavailableError,
+        MigrationLockTimeout,
+        CommandError,  # e.g. a revision that does not exist
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
