@@ -168,15 +168,19 @@ def _backend_details(connection: Connection) -> dict[str, Any]:
     }
 
 
-async def created_schema(new_database: NewDatabase) -> dict[str, Any]:
-    """The schema ``create_all`` makes from the models, on a fresh database."""
-    url = await new_database()
+async def create_all(url: URL) -> URL:
+    """The models' tables made with ``create_all`` on the database at ``url``."""
     engine = make_engine(url)
     try:
         await create_db_and_tables(engine)
     finally:
         await engine.dispose()
-    return await on_connection(url, schema)
+    return url
+
+
+async def created_schema(new_database: NewDatabase) -> dict[str, Any]:
+    """The schema ``create_all`` makes from the models, on a fresh database."""
+    return await on_connection(await create_all(await new_database()), schema)
 
 
 # -- Agreement ---------------------------------------------------------------------------
@@ -483,12 +487,7 @@ async def test_a_failed_connection_never_prints_the_password(python: Spawn) -> N
 
 async def made_by_create_all(new_database: NewDatabase) -> URL:
     """A database as the app made it before migrations: create_all, and some rows."""
-    url = await new_database()
-    engine = make_engine(url)
-    try:
-        await create_db_and_tables(engine)
-    finally:
-        await engine.dispose()
+    url = await create_all(await new_database())
     await execute(
         url,
         "INSERT INTO team (id, name) VALUES (1, 'Platform')",

@@ -30,7 +30,7 @@ from sqlalchemy.engine import URL, Connection
 from sqlmodel import SQLModel
 
 from ..config import ConfigurationError, resolve_url
-from ..db import make_engine, throwaway_database
+from ..db import throwaway_database
 
 
 class UnmanagedDatabaseError(ConfigurationError):
@@ -158,31 +158,26 @@ def _revisions() -> list[str]:
 async def _reflected(url: URL) -> MetaData:
     """The kit's tables as the database at ``url`` reports them."""
 
+    from . import MIGRATION_LOCK_WAIT, _on_connection
+
     def reflect(connection: Connection) -> MetaData:
         metadata = MetaData()
         metadata.reflect(connection, only=lambda name, _: name != "alembic_version")
         return metadata
 
-    return await _on(url, reflect)
+    return await _on_connection(url, MIGRATION_LOCK_WAIT, reflect)
 
 
 async def _differences(url: str | URL, metadata: MetaData) -> list[Any]:
     """Alembic's comparison of the live database (at ``url``) with ``metadata``."""
 
+    from . import MIGRATION_LOCK_WAIT, _on_connection
+
     def compare(connection: Connection) -> list[Any]:
         options = {"compare_type": True, "compare_server_default": True}
         return compare_metadata(MigrationContext.configure(connection, opts=options), metadata)
 
-    return await _on(url, compare)
-
-
-async def _on(url: str | URL, work: Any) -> Any:
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as connection:
-            return await connection.run_sync(work)
-    finally:
-        await engine.dispose()
+    return await _on_connection(url, MIGRATION_LOCK_WAIT, compare)
 
 
 def _describe(difference: Any) -> str:
