@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
@@ -46,6 +45,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from .config import backend_name
 from .db import SERVER_POOL_DEFAULTS, make_engine
+from .db.pooler import PGBOUNCER
 from .faults import (  # noqa: F401  (the notebooks and tests import these from pooling too)
     checked_out,
     hold_connection,
@@ -74,8 +74,9 @@ RECOMMENDED_SETTINGS: list[PoolSetting] = [
         "pool_size",
         SERVER_POOL_DEFAULTS["pool_size"],
         "connections kept open per process; size it to the queries that truly run at "
-        "once, and keep processes x (pool_size + max_overflow) below the server's "
-        "max_connections (PostgreSQL 100, MySQL 151 by default)",
+        "once, and keep processes x engines x (pool_size + max_overflow) below the "
+        "server's max_connections (PostgreSQL 100, MySQL 151 by default); the kit's app "
+        "has two engines (writes, one-statement reads): pool_settings_for_workers does it",
     ),
     PoolSetting(
         _SERVERS,
@@ -144,41 +145,64 @@ RECOMMENDED_SETTINGS: list[PoolSetting] = [
         "outlives its checkout, so each loop opens its own",
     ),
     PoolSetting(
-        "postgresql via pgbouncer, transaction mode (asyncpg)",
-        "connect_args",
-        "statement_cache_size=0, prepared_statement_cache_size=0, "
-        "prepared_statement_name_func=unique names",
-        "successive transactions may run on different server connections: a cached "
-        "prepared statement may not exist there, and asyncpg's numbered names "
-        "(__asyncpg_stmt_1__) collide with another client's",
+        "postgresql via pgbouncer, transaction mode",
+        "pooler",
+        "make_engine(url, pooler='pgbouncer') or DATABASE_POOLER=pgbouncer",
+        "successive transactions may run on different server connections: asyncpg's "
+        "cached prepared statement is missing there and psycopg's _pg3_0 collides with "
+        "another client's; startup parameters are refused, so the timeouts are SET "
+        "LOCAL per transaction (db/pooler.py)",
     ),
 ]
 
 
-def pgbouncer_connect_args() -> dict[str, Any]:
-    """asyncpg options for pgbouncer in transaction (or statement) pooling mode.
+def pool_settings_for_workers(
+    budget: int, workers: int, *, pools_per_worker: int = 1, overflow_share: float = 0.0
+) -> dict[str, int]:
+    """``pool_size`` and ``max_overflow`` for each pool of ``workers`` processes, so that
+    together they never open more than ``budget`` connections:
+    ``workers x pools_per_worker x (pool_size + max_overflow) <= budget``.
 
-    No prepared-statement cache in asyncpg (``statement_cache_size``) nor in
-    SQLAlchemy (``prepared_statement_cache_size``), and a unique name for every
-    statement it still prepares, so names never collide on a shared connection.
+    Each process has its own pools (uvicorn's workers do not share one): with
+    the defaults (5 + 10) four workers may open 60 connections per engine, and
+    past the server's ``max_connections`` every new one fails with PostgreSQL's
+    "sorry, too many clients already" (MySQL: "Too many connections").
+    ``budget`` is what the app may hold: ``max_connections`` minus
+    ``superuser_reserved_connections`` minus what other clients need
+    (migrations, psql, cron jobs). ``overflow_share``: the part of each pool
+    opened for bursts and closed when returned. The default, 0, keeps the whole
+    share open once used: the budget reserves it for the worker anyway, and
+    overflow connections cost a new connection (and its login) at each burst.
     """
-    return {
-        "statement_cache_size": 0,
-        "prepared_statement_cache_size": 0,
-        "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
-    }
+    if workers < 1 or pools_per_worker < 1:
+        raise ValueError(
+            f"workers and pools per worker must be >= 1, got {workers} and {pools_per_worker}"
+        )
+    if not 0 <= overflow_share < 1:
+        raise ValueError(f"overflow_share must be in [0, 1), got {overflow_share}")
+    pools = workers * pools_per_worker
+    share = budget // pools
+    if share < 1:
+        raise ValueError(
+            f"a budget of {budget} connections is less than one per pool for {workers} "
+            f"worker(s) x {pools_per_worker} pool(s): raise it to at least {pools}, or run "
+            "fewer workers"
+        )
+    overflow = int(share * overflow_share)
+    return {"pool_size": share - overflow, "max_overflow": overflow}
 
 
 def make_pooler_engine(url: str | URL | None = None, **options: Any) -> AsyncEngine:
-    """An engine for a database behind an external pooler such as pgbouncer.
+    """An engine for a database behind an external pooler such as PgBouncer.
 
     ``NullPool``: each checkout opens a connection (to the pooler, which is
-    cheap) and closes it on return. On PostgreSQL the asyncpg options of
-    ``pgbouncer_connect_args`` are added.
+    cheap) and closes it on return. On PostgreSQL, ``make_engine``'s
+    ``pooler="pgbouncer"``: no prepared statement outlives its statement, and
+    the timeouts are set per transaction (``db/pooler.py``).
     """
     engine_options: dict[str, Any] = {"poolclass": NullPool, "pool_pre_ping": False}
     if backend_name(url) == "postgresql":
-        engine_options["connect_args"] = pgbouncer_connect_args()
+        engine_options["pooler"] = PGBOUNCER
     return make_engine(url, **{**engine_options, **options})
 
 

@@ -5,8 +5,9 @@
     sql.count        # statements sent to the database
     sql.parameter_sets  # parameter sets they carried (an executemany counts each)
 
-Transaction control (BEGIN, COMMIT, SAVEPOINT, ...) is left out: drivers send it
-in different ways, so leaving it out makes counts comparable across backends.
+Transaction control (BEGIN, COMMIT, SAVEPOINT, ..., and the timeouts an engine
+behind PgBouncer sets as each transaction begins) is left out: drivers send it in
+different ways, so leaving it out makes counts comparable across backends.
 """
 
 from collections.abc import Iterator
@@ -17,7 +18,15 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-_TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+# The last: the timeouts a pooler engine sets as each transaction begins (db/pooler.py).
+_TRANSACTION_CONTROL = (
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "RELEASE",
+    "/* TRANSACTION SETTINGS */",
+)
 
 
 @dataclass
@@ -53,7 +62,12 @@ def watch_sql(engine: AsyncEngine) -> Iterator[SQLLog]:
             return
         # A driver-level executemany carries a list of parameter sets; a batched
         # multi-row INSERT is one statement with one (long) parameter set.
-        batched = many and params and isinstance(params[0], (tuple, list, dict))
+        batched = (
+            many
+            and isinstance(params, (list, tuple))
+            and params
+            and isinstance(params[0], (tuple, list, dict))
+        )
         log.statements.append(Statement(sql, len(params) if batched else 1))
 
     event.listen(engine.sync_engine, "before_cursor_execute", record)

@@ -50,7 +50,7 @@ needed beside this module.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, event
@@ -215,6 +215,9 @@ async def _stream(
             event.remove(connection, name, listener)
         if not _gone(connection):
             await result.close()  # the cursor; on MariaDB this reads the rest off the socket
+        elif connection.invalidated:  # the connection is closed: close the cursor object only
+            with suppress(Exception):  # (psycopg warns about one left open)
+                await result.close()
 
 
 def _gone(connection: Connection) -> bool:

@@ -462,7 +462,8 @@ SMOKE = dict(
                     assert len(conns) == 2
                 rate = await pooling.measure_throughput(engine, slow, 10)
                 assert rate > 0
-                assert "statement_cache_size" in pooling.pgbouncer_connect_args()
+                shares = pooling.pool_settings_for_workers(40, 4, pools_per_worker=2)
+                assert 4 * 2 * (shares["pool_size"] + shares["max_overflow"]) <= 40
                 pooler = pooling.make_pooler_engine(URL)
                 async with pooler.connect():
                     pass

@@ -710,7 +710,8 @@ class CutAtRollback:
     def url(self, url: URL) -> URL:
         proxied = url.set(host="127.0.0.1", port=self.port)
         if url.get_backend_name() == "postgresql":  # plain text, so that ROLLBACK shows
-            proxied = proxied.update_query_dict({"ssl": "disable"})
+            option = "sslmode" if url.get_driver_name() == "psycopg" else "ssl"  # libpq's name
+            proxied = proxied.update_query_dict({option: "disable"})
         return proxied
 
     async def _proxy(self, app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter):

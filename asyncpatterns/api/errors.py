@@ -5,9 +5,10 @@ Use it by registering the handlers and the middleware on the app, as
 ``create_app`` does, and ``_errors`` to document each endpoint's answers.
 What goes wrong without it:
 
-* A database that cannot be reached, an exhausted pool or a row locked too
-  long is a traceback and a 500; here it is a 503 with a reason and
-  ``Retry-After`` (the details, with the masked URL, go to the log only).
+* A database that cannot be reached, an exhausted pool, a row locked too
+  long or a statement stopped at its time limit is a traceback and a 500;
+  here it is a 503 with a reason and ``Retry-After`` (the details, with the
+  masked URL, go to the log only).
 * Starlette's last-resort handler answers a bug, then re-raises: uvicorn
   closes the keep-alive connection, and the client's next request fails too.
 * A 422 that echoes NaN or a lone surrogate from the input cannot be encoded
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..db import is_connection_lost, is_lock_timeout
+from ..db import is_connection_lost, is_lock_timeout, is_statement_timeout
 from .schemas import ErrorMessage
 
 # One logger for the whole API, by the name it always had: configure it (or
@@ -52,14 +53,18 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 
 
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
-    """A lost connection or a lock wait that timed out is overload (503); any
-    other database error is a bug, answered like every unexpected error."""
+    """A lost connection, a lock wait that timed out or a statement stopped at its
+    time limit is overload (503); any other database error is a bug, answered
+    like every unexpected error."""
     if is_connection_lost(exc):
         logger.error("%s %s: connection lost: %s", request.method, request.url.path, exc)
         return _unavailable("the connection to the database was lost", 5)
     if is_lock_timeout(exc):
         logger.warning("%s %s: lock timeout: %s", request.method, request.url.path, exc)
         return _unavailable("the rows are busy, try again", 1)
+    if is_statement_timeout(exc):  # the transaction is rolled back, the connection kept
+        logger.warning("%s %s: statement timeout: %s", request.method, request.url.path, exc)
+        return _unavailable("a statement ran past its time limit and was stopped", 5)
     return _internal_error(request.method, request.url.path, exc)
 
 

@@ -76,8 +76,11 @@ async def handwritten_create_users(session: AsyncSession, users: list[User]) -> 
         sql = f"INSERT INTO {dialect.identifier_preparer.quote('user')} "
         sql += "(name, email, is_active, team_id) "
         if dialect.name == "postgresql":
-            sql += "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::boolean[],"
-            sql += " $4::integer[]) RETURNING id, email"
+            marks = ["%s"] * 4 if dialect.driver == "psycopg" else ["$1", "$2", "$3", "$4"]
+            sql += "SELECT * FROM unnest({}::varchar[], {}::varchar[], {}::boolean[],".format(
+                *marks[:3]
+            )
+            sql += f" {marks[3]}::integer[]) RETURNING id, email"
             columns = tuple(list(column) for column in zip(*rows, strict=True))
             ids = {email: i for i, email in await connection.exec_driver_sql(sql, columns)}
         else:
@@ -109,7 +112,12 @@ async def raw_executemany(engine: AsyncEngine, rows: list[tuple[Any, ...]]) -> i
     """One driver ``executemany`` in one transaction: the physical limit."""
     names = ", ".join(USER_COLUMNS)
     async with driver_connection(engine) as driver:
-        if engine.dialect.name == "postgresql":
+        if engine.dialect.driver == "psycopg":
+            async with driver.cursor() as cursor:
+                sql = f'INSERT INTO "user" ({names}) VALUES (%s, %s, %s, %s)'
+                await cursor.executemany(sql, rows)
+            await driver.commit()
+        elif engine.dialect.name == "postgresql":
             sql = f'INSERT INTO "user" ({names}) VALUES ($1, $2, $3, $4)'
             async with driver.transaction():
                 await driver.executemany(sql, rows)
@@ -126,9 +134,18 @@ async def raw_executemany(engine: AsyncEngine, rows: list[tuple[Any, ...]]) -> i
 
 
 async def raw_copy(engine: AsyncEngine, rows: list[tuple[Any, ...]]) -> int:
-    """asyncpg's binary COPY in one transaction (PostgreSQL only)."""
-    async with driver_connection(engine) as driver, driver.transaction():
-        await driver.copy_records_to_table("user", records=rows, columns=USER_COLUMNS)
+    """The driver's COPY in one transaction (PostgreSQL only): asyncpg's binary
+    ``copy_records_to_table``, psycopg's ``cursor.copy``."""
+    async with driver_connection(engine) as driver:
+        if engine.dialect.driver == "psycopg":
+            sql = f'COPY "user" ({", ".join(USER_COLUMNS)}) FROM STDIN'
+            async with driver.cursor() as cursor, cursor.copy(sql) as copy:
+                for row in rows:
+                    await copy.write_row(row)
+            await driver.commit()
+            return 1
+        async with driver.transaction():
+            await driver.copy_records_to_table("user", records=rows, columns=USER_COLUMNS)
     return 1
 
 

@@ -47,7 +47,10 @@ async def raw_teams_join(engine: AsyncEngine) -> int:
         "LEFT JOIN {user} u ON u.team_id = t.id ORDER BY t.id, u.id"
     )
     async with driver_connection(engine) as driver:
-        if engine.dialect.name == "postgresql":
+        if engine.dialect.driver == "psycopg":
+            rows = await (await driver.execute(sql.format(user='"user"'))).fetchall()
+            await driver.rollback()
+        elif engine.dialect.name == "postgresql":
             rows = await driver.fetch(sql.format(user='"user"'))
         elif engine.dialect.name == "sqlite":
             async with driver.execute(sql.format(user="user")) as cursor:

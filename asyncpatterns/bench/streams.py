@@ -49,11 +49,17 @@ async def _grow_user_table(engine: AsyncEngine, start: int, stop: int) -> None:
 
 async def raw_stream(engine: AsyncEngine, chunk: int = streaming.CHUNK_SIZE) -> int:
     """Every user's row through the driver's own cursor, ``chunk`` rows at a time:
-    asyncpg's server-side cursor (in a transaction), aiomysql's unbuffered SSCursor,
-    aiosqlite's cursor with fetchmany."""
+    asyncpg's server-side cursor (in a transaction), psycopg's named cursor,
+    aiomysql's unbuffered SSCursor, aiosqlite's cursor with fetchmany."""
     rows = 0
     async with driver_connection(engine) as driver:
-        if engine.dialect.name == "postgresql":
+        if engine.dialect.driver == "psycopg":
+            async with driver.cursor(name="raw_stream") as cursor:
+                await cursor.execute(STREAM_SQL.format(user='"user"'))
+                while batch := await cursor.fetchmany(chunk):
+                    rows += len(batch)
+            await driver.rollback()
+        elif engine.dialect.name == "postgresql":
             async with driver.transaction():
                 cursor = driver.cursor(STREAM_SQL.format(user='"user"'), prefetch=chunk)
                 async for _record in cursor:

@@ -54,13 +54,19 @@ async def raw_upsert(engine: AsyncEngine, rows: list[tuple[Any, ...]]) -> int:
     names = ", ".join(USER_COLUMNS)
     async with driver_connection(engine) as driver:
         if engine.dialect.name == "postgresql":
+            marks = "%s, %s, %s, %s" if engine.dialect.driver == "psycopg" else "$1, $2, $3, $4"
             sql = (
-                f'INSERT INTO "user" ({names}) VALUES ($1, $2, $3, $4) ON CONFLICT (email) '
+                f'INSERT INTO "user" ({names}) VALUES ({marks}) ON CONFLICT (email) '
                 "DO UPDATE SET name = excluded.name, is_active = excluded.is_active, "
                 'team_id = excluded.team_id, version = "user".version + 1'
             )
-            async with driver.transaction():
-                await driver.executemany(sql, rows)
+            if engine.dialect.driver == "psycopg":
+                async with driver.cursor() as cursor:
+                    await cursor.executemany(sql, rows)
+                await driver.commit()
+            else:
+                async with driver.transaction():
+                    await driver.executemany(sql, rows)
         elif engine.dialect.name == "sqlite":
             sql = (
                 f"INSERT INTO user ({names}) VALUES (?, ?, ?, ?) ON CONFLICT (email) "

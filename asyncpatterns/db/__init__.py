@@ -8,6 +8,7 @@
   ends it; ``session_scope``; ``lock_for_writing``.
 * ``pool.py`` -- ``FairAsyncQueuePool``: waiting tasks get connections in arrival order.
 * ``attached.py`` -- rows written by Core statements, made known to the session.
+* ``timeouts.py`` -- ``statement_timeout``: how long a statement may run, per block.
 * ``errors.py`` -- what a database error means, from each backend's own code.
 * ``constraints.py`` -- a refused write, named from the table's constraints.
 
@@ -42,13 +43,17 @@ from .errors import (
     CONNECTION_LOST_CODES,
     LOCK_TIMEOUT_CODES,
     RETRYABLE_CODES,
+    STATEMENT_TIMEOUT_CODES,
     error_code,
     is_connection_lost,
     is_foreign_key_violation,
     is_lock_timeout,
     is_retryable,
+    is_statement_timeout,
 )
 from .pool import FairAsyncQueuePool
+from .replica import COMMIT_LSN, Pin, ReadRouter, RoutingSession
+from .timeouts import statement_timeout
 from .unit_of_work import (
     TransactionOwnershipError,
     lock_for_writing,
@@ -57,18 +62,23 @@ from .unit_of_work import (
 )
 
 __all__ = [
+    "COMMIT_LSN",
     "CONNECTION_LOST_CODES",
     "LOCK_TIMEOUT",
     "LOCK_TIMEOUT_CODES",
     "RETRYABLE_CODES",
     "SERVER_POOL_DEFAULTS",
     "SQLITE_BEGIN",
+    "STATEMENT_TIMEOUT_CODES",
     "AlreadyExistsError",
     "CheckFailedError",
     "ConstraintError",
     "FairAsyncQueuePool",
     "MissingValueError",
+    "Pin",
+    "ReadRouter",
     "ReferenceNotFoundError",
+    "RoutingSession",
     "StillReferencedError",
     "TransactionOwnershipError",
     "attach_inserted",
@@ -82,6 +92,7 @@ __all__ = [
     "is_foreign_key_violation",
     "is_lock_timeout",
     "is_retryable",
+    "is_statement_timeout",
     "is_unique_violation",
     "lock_for_writing",
     "make_engine",
@@ -89,5 +100,6 @@ __all__ = [
     "make_session_maker",
     "run_in_transaction",
     "session_scope",
+    "statement_timeout",
     "throwaway_database",
 ]

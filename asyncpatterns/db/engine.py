@@ -12,6 +12,9 @@ to get sessions from it. What goes wrong with a plain ``create_async_engine``:
   loop, before ``BEGIN IMMEDIATE``.
 * A writer that waits for a lock forever takes a pooled connection with it:
   a lock timeout is set on every backend (5 s by default).
+* A statement that runs away (a missing index, a report over every row) holds
+  its connection as long as it runs: ``statement_timeout`` has the database
+  stop it (off by default; per block: ``timeouts.statement_timeout``).
 * When requests outnumber connections, SQLAlchemy's async pool lets a
   newcomer take a returned connection before the task woken for it: a few
   waiters lose every time until ``pool_timeout``. Here the pool serves
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 import sqlite3
 import tempfile
 import uuid
@@ -49,6 +53,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from ..config import ConfigurationError, DatabaseUnavailableError, mask_password, resolve_url
 from .pool import FairAsyncQueuePool
+from .pooler import pooler_connect_args, resolve_pooler, set_local_on_begin
+from .timeouts import STATEMENT_TIMEOUT, listen_for_statement_timeouts, mysql_set_session
 
 # Server backends: keep a few connections, test each before use, and replace
 # them before MySQL's wait_timeout (8 h by default) or a proxy's idle cut-off.
@@ -62,6 +68,9 @@ SERVER_POOL_DEFAULTS: dict[str, Any] = {
 
 # Seconds a statement waits for a row lock (SQLite: for the write lock) before failing.
 LOCK_TIMEOUT = 5.0
+
+# Backends whose statement timeouts timeouts.py's listeners apply, statement by statement.
+_LISTENED = ("sqlite", "mysql", "mariadb")
 
 # The options above that every pool class accepts (the others size a QueuePool).
 _ANY_POOL_OPTIONS = ("pool_recycle", "pool_pre_ping")
@@ -78,16 +87,34 @@ def in_memory_sqlite(url: URL) -> bool:
 
 
 def make_engine(
-    url: str | URL | None = None, *, lock_timeout: float | None = LOCK_TIMEOUT, **options: Any
+    url: str | URL | None = None,
+    *,
+    lock_timeout: float | None = LOCK_TIMEOUT,
+    statement_timeout: float | None = None,
+    pooler: str | None = None,
+    **options: Any,
 ) -> AsyncEngine:
     """Create an async engine with the kit's per-backend defaults.
 
     ``url`` falls back to ``$DATABASE_URL``, then to an embedded SQLite file.
     ``lock_timeout`` (seconds, ``None`` for the server's own default) bounds
     every wait for a lock: PostgreSQL ``lock_timeout``, MySQL
-    ``innodb_lock_wait_timeout``, SQLite ``busy_timeout``. ``options`` go to
+    ``innodb_lock_wait_timeout``, SQLite ``busy_timeout``.
+
+    ``statement_timeout`` (seconds; ``None``, the default: the server's own,
+    usually none) bounds how long each statement runs before the database
+    stops it (``errors.is_statement_timeout``; the API answers 503):
+    PostgreSQL ``statement_timeout`` and MariaDB ``max_statement_time`` cover
+    every statement, MySQL ``max_execution_time`` read-only SELECTs only, and
+    on SQLite a timer calls ``interrupt()``. ``timeouts.statement_timeout``
+    bounds the statements of one block instead (``timeouts.py`` says more).
+
+    ``pooler="pgbouncer"`` (default: ``$DATABASE_POOLER``) is for PostgreSQL
+    behind PgBouncer in transaction mode (``pooler.py``). ``options`` go to
     ``create_async_engine`` and override the defaults.
     """
+    if statement_timeout is not None and not statement_timeout > 0:
+        raise ValueError(f"statement_timeout must be positive seconds or None: {statement_timeout}")
     resolved = resolve_url(url)
     backend = resolved.get_backend_name()
     if backend == "mysql" and "charset" not in resolved.query:
@@ -109,13 +136,29 @@ def make_engine(
     # prints them with a failed statement and with echo. Pass hide_parameters=False
     # to see them, on data that is not anyone's.
     defaults["hide_parameters"] = True
-    if lock_timeout is not None and backend != "sqlite":
-        connect_args = _lock_timeout_connect_args(backend, lock_timeout)
+    pooler = resolve_pooler(pooler) if backend == "postgresql" else None
+    if pooler is not None and statement_timeout is not None and _autocommit(options):
+        raise ConfigurationError(
+            "An autocommit engine behind PgBouncer cannot set statement_timeout: no startup "
+            "parameters, and SET LOCAL needs a transaction. Set it on the server for the "
+            "user instead (ALTER ROLE app SET statement_timeout = '2s')."
+        )
+    if pooler is not None:
+        connect_args = {**pooler_connect_args(resolved), **options.get("connect_args", {})}
+        options = {**options, "connect_args": connect_args}
+    elif backend != "sqlite":
+        connect_args = _timeout_connect_args(resolved, lock_timeout, statement_timeout)
         for key, value in options.get("connect_args", {}).items():
             if isinstance(value, dict) and isinstance(connect_args.get(key), dict):
                 value = {**connect_args[key], **value}
+            elif key == "options" and isinstance(connect_args.get(key), str):
+                value = f"{connect_args[key]} {value}"  # libpq: the later -c wins
             connect_args[key] = value
         options = {**options, "connect_args": connect_args}
+    if backend in _LISTENED:  # read per statement by timeouts.py's listeners
+        execution_options = {STATEMENT_TIMEOUT: statement_timeout}
+        execution_options.update(options.get("execution_options", {}))
+        options = {**options, "execution_options": execution_options}
     try:
         engine = create_async_engine(resolved, **{**defaults, **options})
     except (ModuleNotFoundError, NoSuchModuleError) as exc:
@@ -127,6 +170,15 @@ def make_engine(
     if backend == "sqlite":
         busy_ms = 0 if lock_timeout is None else int(lock_timeout * 1000)
         _configure_sqlite(engine, busy_ms, options.get("isolation_level") == "AUTOCOMMIT")
+    if backend in _LISTENED:
+        listen_for_statement_timeouts(engine)
+    # No startup parameters behind PgBouncer: SET LOCAL as each transaction begins (an
+    # autocommit engine has no transaction to set them in: the server's own apply).
+    if pooler is not None and not _autocommit(options):
+        settings = {"lock_timeout": lock_timeout, "statement_timeout": statement_timeout}
+        set_local_on_begin(
+            engine, {name: f"{_milliseconds(s)}ms" for name, s in settings.items() if s is not None}
+        )
     _report_unreachable_server(engine)
     return engine
 
@@ -154,11 +206,42 @@ def make_read_engine(url: str | URL | None = None, **options: Any) -> AsyncEngin
     return make_engine(resolved, isolation_level="AUTOCOMMIT", **options)
 
 
-def _lock_timeout_connect_args(backend: str, seconds: float) -> dict[str, Any]:
-    if backend == "postgresql":  # asyncpg sends these when it connects
-        return {"server_settings": {"lock_timeout": str(int(seconds * 1000))}}
-    # aiomysql runs this on every new connection (whole seconds, at least 1)
-    return {"init_command": f"SET SESSION innodb_lock_wait_timeout = {max(1, round(seconds))}"}
+def _timeout_connect_args(
+    url: URL, lock_timeout: float | None, statement_timeout: float | None
+) -> dict[str, Any]:
+    """The driver's connect arguments that set both timeouts on every new connection."""
+    if url.get_backend_name() == "postgresql":
+        settings = {"lock_timeout": lock_timeout, "statement_timeout": statement_timeout}
+        values = {name: str(_milliseconds(s)) for name, s in settings.items() if s is not None}
+        if not values:
+            return {}
+        if url.get_driver_name() == "psycopg":  # libpq's startup options
+            given = url.query.get("options")  # ?options=... in the URL: keep it
+            ours = " ".join(f"-c {name}={value}" for name, value in values.items())
+            return {"options": ours if not given else f"{ours} {given}"}
+        return {"server_settings": values}  # asyncpg sends these when it connects
+    # aiomysql runs one init_command on every new connection. MariaDB executes
+    # /*M! ... */ and skips /*!50708 ... */ (MySQL 5.7+ code); MySQL the reverse.
+    assignments = []
+    if lock_timeout is not None:  # whole seconds, at least 1
+        assignments.append(f"innodb_lock_wait_timeout = {max(1, round(lock_timeout))}")
+    if statement_timeout is not None:
+        comma = ", " if assignments else ""
+        for marker, mariadb in (("M!", True), ("!50708", False)):
+            assignment = mysql_set_session(mariadb, statement_timeout).removeprefix(
+                "SET @@session."
+            )
+            assignments.append(f"/*{marker} {comma}{assignment} */")
+    return {"init_command": "SET SESSION " + " ".join(assignments)} if assignments else {}
+
+
+def _autocommit(options: dict[str, Any]) -> bool:
+    return options.get("isolation_level") == "AUTOCOMMIT"
+
+
+def _milliseconds(seconds: float) -> int:
+    """PostgreSQL's unit. 0 means no limit there, so a positive one is at least 1 ms."""
+    return 0 if seconds == 0 else max(1, round(seconds * 1000))
 
 
 def _configure_sqlite(engine: AsyncEngine, busy_ms: int, autocommit_engine: bool) -> None:
@@ -294,9 +377,18 @@ def _report_unreachable_server(engine: AsyncEngine) -> None:
 def _what_to_do(url: URL, exc: BaseException) -> str:
     """The hint that fits the failure: credentials, database, folder, or server."""
     code = getattr(exc, "sqlstate", None) if url.get_backend_name() == "postgresql" else None
+    if code is None and url.get_driver_name() == "psycopg":
+        code = _libpq_connect_code(str(exc))
     errno = exc.args[0] if url.get_backend_name() == "mysql" and exc.args else None
     if code in ("28P01", "28000") or errno in (1045, 1698):
         return "Check the user name and password in the URL."
+    if "unsupported startup parameter" in str(exc):  # PgBouncer's refusal: it has no code
+        return "Behind PgBouncer? Use make_engine(url, pooler='pgbouncer') (DATABASE_POOLER)."
+    if code == "53300" or errno == 1040:  # too many connections
+        return (
+            "The server has no connection left (max_connections): give the processes a "
+            "shared budget (pooling.pool_settings_for_workers, serve --connection-budget N)."
+        )
     if code == "3D000" or errno == 1049:
         return f"Create it first (CREATE DATABASE {url.database}), or name an existing one."
     if url.get_backend_name() == "sqlite":
@@ -305,6 +397,21 @@ def _what_to_do(url: URL, exc: BaseException) -> str:
             return f"The folder {folder} does not exist: create it, or use a path in another one."
         return f"Check that {url.database} can be created and written there (permissions)."
     return "Start the server (see the README) or set DATABASE_URL to a reachable database."
+
+
+def _libpq_connect_code(message: str) -> str | None:
+    """psycopg reports a refused connection with libpq's text and no SQLSTATE: the
+    server's FATAL line is all there is (it names the database or role, nothing else)."""
+    if re.search(r'FATAL: +database ".*" does not exist', message):
+        return "3D000"
+    # (PgBouncer: an unknown user fails its auth_file check, "trust" or not.)
+    if re.search(
+        r'FATAL: +(role ".*" does not exist|(password|"trust") authentication failed)', message
+    ):
+        return "28000"
+    if re.search(r"FATAL: +(sorry, too many clients|remaining connection slots)", message):
+        return "53300"
+    return None
 
 
 def make_session_maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

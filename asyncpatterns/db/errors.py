@@ -1,9 +1,10 @@
 """What a database error means, from each backend's own error code.
 
-Use ``is_retryable`` / ``is_lock_timeout`` / ``is_connection_lost`` to decide
-what to do after a failure (``constraints.py`` names a refused write). What
-goes wrong without them: classifying by message text -- messages change
-between versions and languages, and may quote the user's data. Codes do not.
+Use ``is_retryable`` / ``is_lock_timeout`` / ``is_statement_timeout`` /
+``is_connection_lost`` to decide what to do after a failure (``constraints.py``
+names a refused write). What goes wrong without them: classifying by message
+text -- messages change between versions and languages, and may quote the
+user's data. Codes do not.
 
 Driver errors that are not the database's (a value the driver cannot bind,
 say) have no code: ``error_code`` answers None, and they pass through as they are.
@@ -25,6 +26,14 @@ LOCK_TIMEOUT_CODES = {
     "postgresql": {"55P03"},  # lock_not_available (lock_timeout)
     "mysql": {1205},  # lock wait timeout exceeded
     "sqlite": {5, 261, 773},  # SQLITE_BUSY (+ _RECOVERY, _TIMEOUT) after busy_timeout
+}
+# A statement stopped for running past its time limit (timeouts.py). The database
+# stops only that statement: the connection stays usable once the transaction is
+# rolled back (PostgreSQL aborts it; MySQL/MariaDB undo only the statement).
+STATEMENT_TIMEOUT_CODES = {
+    "postgresql": {"57014"},  # query_canceled: statement_timeout (or a cancel request)
+    "mysql": {1969, 3024},  # MariaDB max_statement_time, MySQL max_execution_time exceeded
+    "sqlite": {9},  # SQLITE_INTERRUPT: the kit's timer called interrupt()
 }
 CONNECTION_LOST_CODES = {
     "postgresql": {"08000", "08003", "08006", "57P01", "57P02", "57P03"},  # server shut down
@@ -52,7 +61,10 @@ def error_code(exc: BaseException) -> tuple[str, str | int] | None:
         return None if code is None else ("sqlite", code)
     if module.startswith("pymysql") and error.args and isinstance(error.args[0], int):
         return "mysql", error.args[0]
-    if module.startswith("sqlalchemy.dialects.postgresql") and getattr(error, "sqlstate", None):
+    # asyncpg's errors arrive wrapped by SQLAlchemy's dialect; psycopg's as they are.
+    if module.startswith(("sqlalchemy.dialects.postgresql", "psycopg")) and getattr(
+        error, "sqlstate", None
+    ):
         return "postgresql", error.sqlstate
     return None
 
@@ -81,6 +93,12 @@ def _savepoint_gone(exc: BaseException) -> bool:
 def is_lock_timeout(exc: BaseException) -> bool:
     """True if a statement gave up waiting for a lock (the database is busy)."""
     return _is(LOCK_TIMEOUT_CODES, exc)
+
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    """True if the database stopped a statement that ran past its time limit
+    (``make_engine(statement_timeout=...)``, ``db.statement_timeout``)."""
+    return _is(STATEMENT_TIMEOUT_CODES, exc)
 
 
 def is_connection_lost(exc: BaseException) -> bool:
