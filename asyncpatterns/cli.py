@@ -6,7 +6,9 @@
 ``serve`` migrates the database to the newest revision, once, then runs the FastAPI
 app (``asyncpatterns.api``) with uvicorn (``--workers N`` processes), on
 127.0.0.1:8000 by default; the API docs are at ``/docs``. Each worker's app checks
-the schema at start-up instead of calling ``create_all``.
+the schema at start-up instead of calling ``create_all``. SIGTERM (or Ctrl+C) stops
+it gracefully: no new connections, the requests in flight finish (for up to
+``--graceful-timeout`` seconds), the pools are closed, and the exit status is 0.
 
 ``notebooks`` re-executes the notebooks on a scratch SQLite file and stores
 their outputs, the baseline nbval compares against.
@@ -22,7 +24,9 @@ the same as ``python -m asyncpatterns.migrations``.
 import argparse
 import asyncio
 import os
+import signal
 import sys
+import threading
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -33,14 +37,59 @@ from .config import ConfigurationError, DatabaseUnavailableError, resolve_url
 from .db import make_engine
 from .tour import TOUR_STEPS, tour  # noqa: F401  (TOUR_STEPS: the tests import it from cli too)
 
+# Seconds the requests in flight get to finish after SIGTERM; those still running
+# then are cancelled (their transactions roll back, their clients get a 503:
+# ``api/shutdown.py``) and the pools are closed. Below ``docker stop``'s 10 s before
+# SIGKILL, above the slowest request the app lets through (3 s for a connection,
+# 5 s for a lock).
+GRACEFUL_SHUTDOWN = 8.0
 
-def serve(url: str | None, host: str, port: int, workers: int = 1) -> int:
+
+class _Stopped(Exception):
+    """SIGTERM asked the server to stop, and it has: a graceful exit, status 0."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    # Once: uvicorn's SIGTERM again, after its graceful shutdown. A SIGTERM after
+    # that (the cleanup is stuck) stops the process at once, as Python's default does.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise _Stopped(signum)
+
+
+def serve(
+    url: str | None,
+    host: str,
+    port: int,
+    workers: int = 1,
+    connection_budget: int | None = None,
+    *,
+    graceful_timeout: float = GRACEFUL_SHUTDOWN,
+) -> int:
     """Migrate the database to head once, then serve the API with uvicorn (``workers``
-    processes). An unreachable database, or one ``create_all`` made that needs adopting,
-    fails here, in one line."""
+    processes) until SIGTERM or SIGINT, then stop gracefully (``graceful_timeout``)
+    and return 0. An unreachable database, or one ``create_all`` made that needs
+    adopting, fails here, in one line. ``connection_budget``: the connections all workers together
+    may open, divided between them (``pooling.pool_settings_for_workers``); ``None``:
+    each worker's pools keep the defaults."""
     from . import migrations
+    from .api.app import BUDGET_VARIABLE, POOLS_PER_WORKER, WORKERS_VARIABLE
     from .bench.served import event_loop_name, http_parser_name
+    from .pooling import pool_settings_for_workers
 
+    if connection_budget is not None:
+        try:
+            pool = pool_settings_for_workers(
+                connection_budget, workers, pools_per_worker=POOLS_PER_WORKER
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"--connection-budget: {exc}") from None
+        # Each worker process reads these when it builds its app (api.app.migrated_app).
+        os.environ[BUDGET_VARIABLE] = str(connection_budget)
+        os.environ[WORKERS_VARIABLE] = str(workers)
+        print(
+            f"connection budget {connection_budget}: {workers} worker(s) x {POOLS_PER_WORKER} "
+            f"pools x (pool_size {pool['pool_size']} + max_overflow {pool['max_overflow']})"
+        )
     _run(_check_database(url))
     applied = _run(migrations.upgrade(url))  # before any worker starts: no start-up race
     print(
@@ -60,10 +109,27 @@ def serve(url: str | None, host: str, port: int, workers: int = 1) -> int:
     )
     if url is not None:  # each worker builds its app from the environment
         os.environ["DATABASE_URL"] = resolve_url(url).render_as_string(hide_password=False)
-    # uvicorn's loop="auto" and http="auto" pick uvloop and httptools when installed.
-    uvicorn.run(
-        "asyncpatterns.api.app:migrated_app", factory=True, host=host, port=port, workers=workers
-    )
+    # uvicorn stops gracefully on SIGTERM (``graceful_timeout``: see GRACEFUL_SHUTDOWN),
+    # then raises the signal again, on the handler that was there before its own: with
+    # Python's default the process would die of it after a clean shutdown (exit status
+    # -15, a failure to a supervisor). This one makes that exit a return, status 0.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if in_main_thread else None
+    try:
+        # uvicorn's loop="auto" and http="auto" pick uvloop and httptools when installed.
+        uvicorn.run(
+            "asyncpatterns.api.app:migrated_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            timeout_graceful_shutdown=graceful_timeout,
+        )
+    except _Stopped:
+        pass
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -108,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument(
         "target",
         nargs="?",
-        choices=["api"],
-        help="api: the served app against the ladder of hand-written apps, over HTTP",
+        choices=["api", "pooler"],
+        help="api: the served app against the ladder of hand-written apps, over HTTP; "
+        "pooler: PostgreSQL behind PgBouncer, each driver and pool",
     )
     bench_parser.add_argument("--url", help="server or SQLite URL; bench uses a scratch database")
     bench_parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -143,6 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument(
         "--workers", type=int, default=1, help="uvicorn worker processes (default: 1)"
     )
+    serve_parser.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=GRACEFUL_SHUTDOWN,
+        metavar="SECONDS",
+        help="after SIGTERM, how long requests in flight may take to finish (default: 8)",
+    )
+    serve_parser.add_argument(
+        "--connection-budget",
+        type=int,
+        metavar="N",
+        help="database connections all workers together may open, divided between them "
+        "(default: no budget, each pool 5 + 10)",
+    )
     notebooks_parser = commands.add_parser(
         "notebooks", help="re-execute notebooks on scratch SQLite and store their outputs"
     )
@@ -172,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             return api_bench_command(
                 args.url, args.quick, args.json, args.rungs, args.clients, args.seconds
             )
+        if args.command == "bench" and args.target == "pooler":
+            from .bench.pooler import pooler_bench_command
+
+            return pooler_bench_command(args.url, args.quick, args.json)
         if args.command == "bench":
             return bench_command(
                 args.url,
@@ -183,7 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.stream_rows,
             )
         if args.command == "serve":
-            return serve(args.url, args.host, args.port, args.workers)
+            return serve(
+                args.url,
+                args.host,
+                args.port,
+                args.workers,
+                args.connection_budget,
+                graceful_timeout=args.graceful_timeout,
+            )
         if args.command == "notebooks":
             from .notebook import regenerate  # needs the [lab] extra
 

@@ -120,6 +120,8 @@ class IdempotencyKey(SQLModel, table=True):
 
     Stored in the same transaction as the transfer, so a retry with the same
     key finds either nothing (the transfer did not happen) or this answer.
+    It expires ``created_at`` + the TTL later (``api.idempotency``): then the key
+    is new again, and the purge deletes the row.
     """
 
     __table_args__ = TABLE_OPTIONS
@@ -128,6 +130,7 @@ class IdempotencyKey(SQLModel, table=True):
     request: str = Field(max_length=64)  # SHA-256 of the request, to refuse a reused key
     status_code: int
     response: str = Field(sa_type=Text)  # the JSON answered
+    # UTC (stored without a zone on SQLite and MySQL, to the second on MySQL).
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 

@@ -26,6 +26,7 @@ import functools
 import os
 import random
 import re
+import signal
 import socket
 import ssl
 import statistics
@@ -42,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
 from sqlmodel import select
 
 from asyncpatterns.config import mask_password, resolve_url
@@ -117,6 +120,72 @@ class ServedApp:
 
 def url_text(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=False)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now (for a program that binds it itself)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@asynccontextmanager
+async def served_command(
+    database_url: str | URL, log_path: Path, *options: str, start_timeout: float = 60.0
+) -> AsyncIterator[ServedApp]:
+    """``python -m asyncpatterns serve --url ... --port ...`` (migrations, then uvicorn
+    with its ``options``, e.g. ``--workers 2``), as it is run in production, in a
+    process group of its own; ready once it answers. Afterwards it is stopped (if
+    the test did not stop it) and anything left of its group is killed."""
+    port = free_port()
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "asyncpatterns",
+            "serve",
+            "--url",
+            url_text(database_url),
+            "--port",
+            str(port),
+            *options,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # its workers are killed with it, whatever happens
+        )
+    finally:
+        os.close(log)
+    app = ServedApp(f"http://127.0.0.1:{port}", log_path, process)
+    try:
+        await app.wait_ready(start_timeout)
+        yield app
+    finally:
+        try:
+            await app.stop()
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # a worker left behind
+
+
+@asynccontextmanager
+async def row_lock(url: str | URL, account_id: int) -> AsyncIterator[None]:
+    """Hold the account's row lock (SQLite: the database's write lock) until the
+    block ends; the requests that need it wait meanwhile. Taking it waits up to 30 s
+    (SQLite under a write load: the app's writers come and go)."""
+    engine = make_engine(url, poolclass=NullPool, lock_timeout=30)
+    try:
+        async with engine.connect() as conn:
+            await conn.begin()
+            lock = text("UPDATE account SET owner = owner WHERE id = :id")
+            await conn.execute(lock, {"id": account_id})
+            try:
+                yield
+            finally:
+                await conn.rollback()
+    finally:
+        await engine.dispose()
 
 
 @asynccontextmanager

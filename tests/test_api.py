@@ -668,13 +668,19 @@ async def test_serve_migrates_then_answers_over_http(empty_database_url) -> None
     assert await migrations.current(empty_database_url) == head
 
 
+# serve --workers N, started STARTS times in a row (ASYNCPATTERNS_STARTS=20 --workers 4: the
+# issue's check, 4 minutes for the three backends; CI runs 3 starts of 2 workers).
+STARTS = int(os.environ.get("ASYNCPATTERNS_STARTS", "3"))
+WORKERS = "4" if STARTS > 3 else "2"
+
+
 async def test_serve_with_workers_migrates_once_and_every_start_serves(empty_database_url) -> None:
-    # Several workers, started three times in a row on a fresh database: the schema is
+    # Several workers, started again and again on a fresh database: the schema is
     # migrated once, before the workers start, and no start fails (with create_all in
     # each worker's start-up, SQLite's workers raced for the write lock).
     applied = []
-    for _ in range(3):
-        port, server = await serving(empty_database_url, "--workers", "2")
+    for _ in range(STARTS):
+        port, server = await serving(empty_database_url, "--workers", WORKERS)
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 assert (await first_answer(client, "/users/")).status_code == 200
@@ -682,9 +688,9 @@ async def test_serve_with_workers_migrates_once_and_every_start_serves(empty_dat
                 assert {answer.status_code for answer in answers} == {200}
         finally:
             printed = await stop(server)
-        assert "2 worker(s)" in printed, printed
+        assert f"{WORKERS} worker(s)" in printed, printed
         applied.append("(applied " in printed)
-    assert applied == [True, False, False]
+    assert applied == [True] + [False] * (STARTS - 1)
 
 
 def test_serve_on_a_database_create_all_made_names_the_stamp(database_url) -> None:

@@ -27,7 +27,7 @@ from ...transactions import (
 )
 from ..dependencies import ReadSessionDep, SessionDep
 from ..errors import _errors
-from ..idempotency import IdempotencyKeyHeader, answer_once
+from ..idempotency import IdempotencyKeyHeader, KeyExpiryDep, answer_once
 from ..schemas import AccountCreate, AccountId, AccountRead, TransferCreate, TransferRead
 
 router = APIRouter()
@@ -49,11 +49,15 @@ async def read_account_endpoint(account_id: AccountId, session: ReadSessionDep) 
 
 @router.post("/transfers/", responses=_errors(400, 404, 409), tags=["accounts"])
 async def transfer_endpoint(
-    transfer: TransferCreate, session: SessionDep, idempotency_key: IdempotencyKeyHeader = None
+    transfer: TransferCreate,
+    session: SessionDep,
+    expiry: KeyExpiryDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> TransferRead:
     """Move money between two accounts: all or nothing, safe under concurrency,
     and safe to retry with an ``Idempotency-Key`` (a lost answer is not a lost
-    transfer: retry with the same key and the money moves once)."""
+    transfer: retry with the same key, within the key's lifetime of 24 hours by
+    default, and the money moves once)."""
 
     async def work(tx: AsyncSession) -> tuple[int, dict[str, Any]]:
         try:
@@ -79,7 +83,9 @@ async def transfer_endpoint(
         status_code, body = await run_in_transaction(session, work)
     else:
         request_hash = hashlib.sha256(transfer.model_dump_json().encode()).hexdigest()
-        status_code, body = await answer_once(session, idempotency_key, request_hash, work)
+        status_code, body = await answer_once(
+            session, idempotency_key, request_hash, work, ttl=expiry.ttl, clock=expiry.clock
+        )
     if status_code != 200:
         raise HTTPException(status_code, body["detail"])
     return TransferRead.model_validate(body)
