@@ -13,6 +13,7 @@ indexes and foreign keys with their ON DELETE actions, as each backend reports t
 import asyncio
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -33,6 +34,8 @@ from sqlmodel import SQLModel
 from asyncpatterns import migrations
 from asyncpatterns.config import DatabaseUnavailableError
 from asyncpatterns.db import create_db_and_tables, error_code, make_engine, throwaway_database
+from asyncpatterns.migrations.adopt import schema_differences
+from asyncpatterns.migrations.catalog import schema
 from asyncpatterns.testing import SERVER_URL_VARIABLES, required_backends
 
 ROOT = Path(__file__).parent.parent
@@ -97,75 +100,6 @@ async def execute(url: URL, *statements: str) -> list[list[tuple[Any, ...]]]:
 
 
 # -- What the database reports about its schema ------------------------------------------
-
-
-def schema(connection: Connection) -> dict[str, Any]:
-    """Everything the database reports about the kit's tables, comparable as a dict."""
-    inspector = inspect(connection)
-    tables = {
-        name: _table(connection, inspector, name)
-        for name in inspector.get_table_names()
-        if name != "alembic_version"
-    }
-    return {"tables": tables, **_backend_details(connection)}
-
-
-def _table(connection: Connection, inspector: Any, name: str) -> dict[str, Any]:
-    def by_name(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return sorted(items, key=lambda item: str(item.get("name")))
-
-    columns = [
-        {**column, "type": column["type"].compile(dialect=connection.dialect)}
-        for column in inspector.get_columns(name)
-    ]
-    return {
-        "columns": columns,
-        "primary_key": inspector.get_pk_constraint(name),
-        "foreign_keys": by_name(inspector.get_foreign_keys(name)),
-        "indexes": by_name(inspector.get_indexes(name)),
-        "unique": by_name(inspector.get_unique_constraints(name)),
-        "checks": by_name(inspector.get_check_constraints(name)),
-        # SQLite's one option, AUTOINCREMENT, is read from sqlite_master below
-        "options": {} if connection.dialect.name == "sqlite" else inspector.get_table_options(name),
-    }
-
-
-def _backend_details(connection: Connection) -> dict[str, Any]:
-    """What the inspector leaves out, read from each backend's own catalog."""
-    backend = connection.dialect.name
-    if backend == "sqlite":  # AUTOINCREMENT (ids never reused) is only in the CREATE TABLE
-        rows = connection.exec_driver_sql(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name != 'alembic_version'"
-            " AND name NOT LIKE 'sqlite_%' ORDER BY name"
-        )
-        return {"autoincrement": {name: "AUTOINCREMENT" in sql for name, sql in rows}}
-    if backend == "mysql":  # every column's charset and collation, every table's
-        columns = connection.exec_driver_sql(
-            "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, CHARACTER_SET_NAME, COLLATION_NAME,"
-            " IS_NULLABLE, COLUMN_DEFAULT, EXTRA FROM information_schema.COLUMNS"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME != 'alembic_version'"
-            " ORDER BY TABLE_NAME, ORDINAL_POSITION"
-        )
-        tables = connection.exec_driver_sql(
-            "SELECT TABLE_NAME, ENGINE, TABLE_COLLATION FROM information_schema.TABLES"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME != 'alembic_version'"
-            " ORDER BY TABLE_NAME"
-        )
-        return {"columns": [tuple(r) for r in columns], "tables": [tuple(r) for r in tables]}
-    constraints = connection.exec_driver_sql(  # PostgreSQL: each constraint as it is defined
-        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
-        " WHERE connamespace = 'public'::regnamespace"
-        " AND conrelid::regclass::text != 'alembic_version' ORDER BY 1, 2"
-    )
-    collations = connection.exec_driver_sql(
-        "SELECT table_name, column_name, collation_name, column_default"
-        " FROM information_schema.columns WHERE table_schema = 'public'"
-        " AND table_name != 'alembic_version' ORDER BY 1, ordinal_position"
-    )
-    return {
-        "constraints": [tuple(r) for r in constraints],
-        "columns": [tuple(r) for r in collations],
-    }
 
 
 async def create_all(url: URL) -> URL:
@@ -530,6 +464,33 @@ async def test_stamp_refuses_a_revision_whose_schema_the_database_does_not_have(
         await migrations.stamp(url, REVISIONS[0])  # and never moved back
     assert await migrations.current(url) == head
     assert await execute(url, *STORED) == [[(4,)], [(0,)]]
+
+
+async def test_stamp_sees_what_alembics_comparison_does_not(new_database: NewDatabase) -> None:
+    """Autogenerate's comparison misses CHECK constraints and collations: a database
+    without ``balance_not_negative`` (and, on MySQL, with a case-insensitive email
+    column) compared equal to head, and was stamped."""
+    url = await made_by_create_all(new_database)
+    backend = url.get_backend_name()
+    if backend == "sqlite":  # SQLite cannot drop a constraint: edit the stored CREATE TABLE
+        with sqlite3.connect(url.database) as connection:
+            connection.execute("PRAGMA writable_schema = ON")
+            (sql,) = connection.execute("SELECT sql FROM sqlite_master WHERE name = 'account'")
+            without = re.sub(r",\s*CONSTRAINT balance_not_negative CHECK \([^)]*\)", "", sql[0])
+            assert without != sql[0]
+            connection.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'account'", [without])
+    else:
+        await execute(url, "ALTER TABLE account DROP CONSTRAINT balance_not_negative")
+    if backend == "mysql":
+        await execute(url, "ALTER TABLE user MODIFY email VARCHAR(255) COLLATE utf8mb4_general_ci")
+    with pytest.raises(migrations.SchemaMismatchError, match="account: checks differ") as refused:
+        await migrations.stamp(url, "head")
+    assert "it matches no revision" in str(refused.value)
+    differences = await schema_differences(url, migrations.head())
+    assert "account: checks differ" in differences
+    if backend == "mysql":
+        assert "user.email: column definition differs" in differences
+    assert await migrations.current(url) is None
 
 
 async def test_the_migrate_command_says_in_one_line_how_to_adopt(

@@ -31,6 +31,7 @@ from sqlmodel import SQLModel
 
 from ..config import ConfigurationError, resolve_url
 from ..db import throwaway_database
+from .catalog import catalog_differences, schema
 
 
 class UnmanagedDatabaseError(ConfigurationError):
@@ -78,7 +79,7 @@ async def matching_revision(url: str | URL) -> str | None:
         async with throwaway_database(url, "asyncpatterns_adopt") as scratch:
             for revision in _revisions():
                 await upgrade(scratch, revision)
-                if not await _differences(url, await _reflected(scratch)):
+                if not await _all_differences(url, scratch):
                     return revision
     return None
 
@@ -90,7 +91,7 @@ async def schema_differences(url: str | URL, revision: str) -> list[str]:
     with _quietly():
         async with throwaway_database(url, "asyncpatterns_adopt") as scratch:
             await upgrade(scratch, revision)
-            return [_describe(d) for d in await _differences(url, await _reflected(scratch))]
+            return await _all_differences(url, scratch)
 
 
 async def stamp(url: str | URL | None, revision: str = "head") -> str:
@@ -166,6 +167,18 @@ async def _reflected(url: URL) -> MetaData:
         return metadata
 
     return await _on_connection(url, MIGRATION_LOCK_WAIT, reflect)
+
+
+async def _all_differences(url: str | URL, scratch: URL) -> list[str]:
+    """What differs between the database at ``url`` and the one at ``scratch``, in
+    words: Alembic's comparison, then what it does not see (``catalog.py``: CHECK
+    constraints, collations, table options)."""
+    from . import MIGRATION_LOCK_WAIT, _on_connection
+
+    found = [_describe(d) for d in await _differences(url, await _reflected(scratch))]
+    live = await _on_connection(url, MIGRATION_LOCK_WAIT, schema)
+    wanted = await _on_connection(scratch, MIGRATION_LOCK_WAIT, schema)
+    return found + [d for d in catalog_differences(live, wanted) if d not in found]
 
 
 async def _differences(url: str | URL, metadata: MetaData) -> list[Any]:

@@ -13,12 +13,13 @@ import socket
 
 from sqlalchemy.engine import URL
 
-from . import clusters, pgbouncer
-
 
 def missing(postgres: URL) -> str | None:
     """What this machine lacks to run the topology against the PostgreSQL server at
     ``postgres`` (a PgBouncer, clusters of its own, the server): None when nothing."""
+    # Imported here: ``python -m asyncpatterns.topology.pgbouncer`` runs that module.
+    from . import clusters, pgbouncer
+
     if not pgbouncer.installed():
         return "Debian's pgbouncer (apt-get install pgbouncer)"
     try:
