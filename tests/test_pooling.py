@@ -256,6 +256,8 @@ async def test_killed_connections_fail_without_pre_ping(
 async def test_killed_connections_survived_with_pre_ping(
     server_backend: str, database_url: URL, make_test_engine: EngineFactory
 ) -> None:
+    if os.environ.get("DATABASE_POOLER"):  # and the killing query may run on one it kills
+        pytest.skip("behind PgBouncer the killed connection is PgBouncer's; the app's survives")
     engine = make_test_engine(pool_size=2, pool_pre_ping=True)
     killed = await _kill_pooled_connections(engine, database_url, 2)
     async with checked_out(engine, 2) as conns:

@@ -71,6 +71,8 @@ async def server_connections(backend: str, database: str) -> int:
         "postgresql": "SELECT count(*) FROM pg_stat_activity WHERE datname = :db",
         "mysql": "SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB = :db",
     }[backend]
+    if os.environ.get("DATABASE_POOLER"):  # PgBouncer keeps its idle server connections:
+        query += " AND state <> 'idle'"  # none may be left in a statement or a transaction
     admin = make_engine(os.environ[SERVER_URL_VARIABLES[backend]], isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
