@@ -76,6 +76,11 @@ def serve(
     from .bench.served import event_loop_name, http_parser_name
     from .pooling import pool_settings_for_workers
 
+    # Each worker process reads these when it builds its app (api.app.migrated_app): the
+    # worker count always, so that a budget exported by hand is shared too.
+    os.environ[WORKERS_VARIABLE] = str(workers)
+    if connection_budget is None and os.environ.get(BUDGET_VARIABLE):
+        connection_budget = int(os.environ[BUDGET_VARIABLE])
     if connection_budget is not None:
         try:
             pool = pool_settings_for_workers(
@@ -83,9 +88,7 @@ def serve(
             )
         except ValueError as exc:
             raise ConfigurationError(f"--connection-budget: {exc}") from None
-        # Each worker process reads these when it builds its app (api.app.migrated_app).
         os.environ[BUDGET_VARIABLE] = str(connection_budget)
-        os.environ[WORKERS_VARIABLE] = str(workers)
         print(
             f"connection budget {connection_budget}: {workers} worker(s) x {POOLS_PER_WORKER} "
             f"pools x (pool_size {pool['pool_size']} + max_overflow {pool['max_overflow']})"

@@ -274,3 +274,20 @@ async def test_the_kits_unit_of_work_on_a_routed_session(engines, primary: Clust
         assert await session.scalar(WHO) == primary.port  # pinned after the commit
     async with router.session("erin") as session:
         assert (await crud.get(session, Memo, memo.id)).body == "uow"
+
+
+async def test_a_malformed_lsn_from_a_client_reads_the_primary(engines, primary: Cluster) -> None:
+    """The LSN comes back from a client (a cookie): a malformed one was cast on the
+    replica and failed the request with a 500 (found by an adversarial review)."""
+    router = ReadRouter(*engines, pin_seconds=60, wait_for_replica=0.2)
+    for bad in ("not-an-lsn", "0/FFFFFFFFFFFFFFFFFF", "0/1'; SELECT 1; --"):
+        async with router.session(after_lsn=bad) as session:
+            assert await session.scalar(WHO) == primary.port
+
+
+def test_lsns_compare_as_positions_not_as_text() -> None:
+    from asyncpatterns.db.replica import _later
+
+    assert _later("0/D6F07C40", "0/D6F07B50") and not _later("0/D6F07B50", "0/D6F07C40")
+    assert _later("1/0", "0/FFFFFFFF") and _later("0/10", "0/9")  # not "0/9" > "0/10"
+    assert not _later(None, "0/1") and not _later("0/1", None)

@@ -5,6 +5,7 @@ rolled back, and its connection goes back to the pool healthy and is used again.
 Each test makes its own small engines on the test database; taking the ``engine``
 fixture deletes whatever rows a test left."""
 
+import asyncio
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -313,5 +314,71 @@ async def test_statement_timeouts_work_behind_pgbouncer(bouncer, database_url, d
             await session.rollback()
             await session.exec(text("SELECT 1"))
         assert pool_status(engine).checked_out == 0
+    finally:
+        await engine.dispose()
+
+
+# -- Found by an adversarial review ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("inside", ["begin_nested", "run_in_transaction"])
+async def test_a_savepoint_inside_a_block_does_not_keep_the_blocks_limit(
+    backend, engine, inside
+) -> None:
+    """PostgreSQL: the savepoint's begin ran SET LOCAL again and recorded the block's own
+    limit as the one to restore, so the rest of the transaction kept it."""
+    engine = one_connection_engine(engine.url)
+    async with make_session_maker(engine)() as session, session.begin():
+        await session.exec(text("SELECT 1"))  # the transaction has its connection
+        async with statement_timeout(session, LIMIT):
+            if inside == "begin_nested":
+                async with session.begin_nested():
+                    await session.exec(text("SELECT 1"))
+            else:
+
+                async def work(tx: AsyncSession) -> None:
+                    await tx.exec(text("SELECT 1"))
+
+                await run_in_transaction(session, work)  # joins: a SAVEPOINT
+        await session.exec(text(PAUSE[backend]), params={"s": LIMIT + 0.3})  # no limit now
+    await engine.dispose()
+
+
+async def test_a_cancelled_sqlite_statement_is_still_stopped_by_its_limit(backend) -> None:
+    """The caller's cancellation stopped the interrupt timer: the statement then ran to
+    its end in aiosqlite's thread, and the cancelled caller waited for it (seconds)."""
+    if backend != "sqlite":
+        pytest.skip("the interrupt timer is SQLite's")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine = make_engine(f"sqlite+aiosqlite:///{folder}/t.db", statement_timeout=LIMIT)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):  # the caller's own: not a PendingRollbackError
+                async with asyncio.timeout(0.1), engine.connect() as conn:
+                    await conn.execute(text(SLOW_READ["sqlite"]))
+            assert time.monotonic() - started < IN_TIME
+        finally:
+            await engine.dispose()
+
+
+async def test_a_users_init_command_keeps_the_kits_timeouts(backend, database_url) -> None:
+    """MySQL/MariaDB: a user's init_command replaced the kit's, so the connection had
+    neither lock nor statement timeout while the engine thought it had."""
+    if backend != "mysql":
+        pytest.skip("init_command is aiomysql's")
+    engine = make_engine(
+        database_url,
+        statement_timeout=LIMIT,
+        connect_args={"init_command": "SET SESSION sql_mode = 'STRICT_ALL_TABLES'"},
+    )
+    try:
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT @@innodb_lock_wait_timeout")) == 5
+            assert "STRICT_ALL_TABLES" in await conn.scalar(text("SELECT @@sql_mode"))
+            with pytest.raises(DBAPIError) as stopped:
+                await conn.execute(text(SLOW_READ["mysql"]))
+            assert is_statement_timeout(stopped.value)
     finally:
         await engine.dispose()

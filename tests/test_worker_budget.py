@@ -240,3 +240,26 @@ async def test_served_workers(cluster: Cluster, tmp_path: Path, budget: int | No
         assert "pool_size 1 + max_overflow 0" in output, output[:2000]
         assert statuses.keys() <= {200, 201}, (statuses, output[-3000:])
         assert not REFUSED.search(output)
+
+
+def test_serve_shares_a_budget_exported_by_hand(tmp_path: Path, monkeypatch) -> None:
+    """serve told the workers their count only with --connection-budget: a budget set
+    in the environment (as migrated_app documents) went whole to every worker."""
+    import uvicorn
+
+    from asyncpatterns import cli
+    from asyncpatterns.api.app import budget_pool_options
+
+    seen: dict[str, object] = {}
+
+    def probe(*_args: object, workers: int = 1, **_kwargs: object) -> None:
+        seen.update(workers=workers, pools=budget_pool_options())  # what each worker gets
+
+    monkeypatch.setattr(uvicorn, "run", probe)
+    for variable in ("ASYNCPATTERNS_CONNECTION_BUDGET", "ASYNCPATTERNS_WORKERS", "DATABASE_URL"):
+        monkeypatch.setenv(variable, "")  # restored afterwards: serve sets them
+    monkeypatch.setenv("ASYNCPATTERNS_CONNECTION_BUDGET", "8")
+    assert cli.serve(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", "127.0.0.1", 0, 2) == 0
+    pools = seen["pools"]
+    assert seen["workers"] == 2
+    assert 2 * 2 * (pools["pool_size"] + pools["max_overflow"]) <= 8

@@ -8,7 +8,10 @@ begun its answer escapes the app as ``CancelledError``, and uvicorn answers it
 "500 Internal Server Error", with a traceback in the log. Nothing of it was
 committed (SQLAlchemy closes a connection cancelled mid-statement, and the
 database rolls its transaction back), so the true answer is a 503: not done,
-safe to retry, on another worker or after the restart.
+safe to retry, on another worker or after the restart. That holds for ``async
+def`` endpoints (all of the kit's): a ``def`` endpoint runs in a thread that a
+cancellation cannot stop, so its work may still complete after the 503 -- make
+such an endpoint idempotent (``Idempotency-Key``) or keep it short.
 
 uvicorn does not wait for the requests it cancelled: it runs the lifespan's
 shutdown and closes the event loop, cancelling them a second time, mid-cleanup.

@@ -153,6 +153,8 @@ def make_engine(
                 value = {**connect_args[key], **value}
             elif key == "options" and isinstance(connect_args.get(key), str):
                 value = f"{connect_args[key]} {value}"  # libpq: the later -c wins
+            elif key == "init_command" and connect_args.get(key):
+                value = f"{connect_args[key]}; {value}"  # aiomysql: ours, then yours
             connect_args[key] = value
         options = {**options, "connect_args": connect_args}
     if backend in _LISTENED:  # read per statement by timeouts.py's listeners
@@ -284,7 +286,10 @@ def _configure_sqlite(engine: AsyncEngine, busy_ms: int, autocommit_engine: bool
     if writers is not None:
         # Whichever way the transaction or the connection ends, the next writer goes.
         def _transaction_ended(connection: Any) -> None:
-            writers.leave(connection.info)
+            # An invalidated connection has no info to read (it would raise, hiding a
+            # cancellation): the pool's invalidate event lets the next writer go.
+            if not connection.invalidated:
+                writers.leave(connection.info)
 
         def _connection_returned(_dbapi_connection: Any, record: Any, *_: Any) -> None:
             writers.leave(None if record is None else record.info)

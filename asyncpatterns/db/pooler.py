@@ -19,6 +19,10 @@ many clients in turn. What goes wrong with a plain engine:
   transaction begins: one more round trip per transaction, and they end with
   it. Zero cost instead: ``ALTER ROLE app SET lock_timeout = '5s'`` on the
   server, which every server connection starts with.
+* **The first statement of a transaction is the kit's.** ``SET TRANSACTION
+  ISOLATION LEVEL ...`` must come first and now fails ("must be called before any
+  query"): ask for the level with ``execution_options(isolation_level=...)`` (or
+  ``postgresql_readonly=True``), which the driver's BEGIN carries.
 * **Session state leaks.** A plain ``SET`` stays on the server connection and
   applies to whichever client gets it next; advisory locks taken with
   ``pg_advisory_lock``, ``LISTEN``, temporary tables and ``WITH HOLD`` cursors

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Hashable
 from typing import Any, NamedTuple
@@ -82,6 +83,18 @@ _REPLAYED = text(
     "SELECT NOT pg_is_in_recovery()"
     " OR pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn)"
 )
+
+
+_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")  # PostgreSQL's pg_lsn as text
+_SWEEP_AT = 10_000  # pins kept before the expired ones are swept
+
+
+def _later(a: str | None, b: str | None) -> bool:
+    """Whether LSN ``a`` is past LSN ``b`` (``None``: unknown, never later)."""
+    if a is None or b is None:
+        return False
+    (a_high, a_low), (b_high, b_low) = (x.split("/") for x in (a, b))
+    return (int(a_high, 16), int(a_low, 16)) > (int(b_high, 16), int(b_low, 16))
 
 
 class Pin(NamedTuple):
@@ -118,6 +131,7 @@ class ReadRouter:
         self.wait_for_replica = wait_for_replica
         self.retry_replica_after = retry_replica_after
         self._pins: dict[Hashable, Pin] = {}
+        self._sweep_at = _SWEEP_AT
         self._replica_down_until = 0.0
 
     def session(
@@ -127,8 +141,9 @@ class ReadRouter:
         must see; ``None``: only this session's own). ``primary=True``: everything on the
         primary. ``after_lsn``: reads must see the primary's state at that LSN."""
         pin = None if client is None else self._pins.get(client)
-        if after_lsn is not None:
-            pin = Pin(time.monotonic() + self.pin_seconds, after_lsn)
+        if after_lsn is not None:  # from a client (a cookie): a malformed one reads the primary
+            lsn = after_lsn if _LSN.fullmatch(after_lsn) else None
+            pin = Pin(time.monotonic() + self.pin_seconds, lsn)
         options = {"router": self, "client": client, "pin": pin, "primary_only": primary}
         return AsyncSession(sync_session_class=RoutingSession, expire_on_commit=False, **options)
 
@@ -176,6 +191,9 @@ class ReadRouter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
             return True
+        except DBAPIError as exc:  # e.g. an LSN beyond any the server knows: not replayed
+            logger.warning("replica LSN check failed: %s", str(exc.orig).splitlines()[0])
+            return False
         finally:
             await conn.close()
 
@@ -195,8 +213,13 @@ class ReadRouter:
         session.pin = Pin(now + self.pin_seconds, lsn)
         session.info[COMMIT_LSN] = lsn
         if session.client is not None:
-            if len(self._pins) > 10_000:  # forget the expired pins now and then
+            if len(self._pins) > self._sweep_at:  # forget the expired pins now and then
                 self._pins = {key: pin for key, pin in self._pins.items() if pin.until > now}
+                self._sweep_at = max(_SWEEP_AT, 2 * len(self._pins))  # not at every commit
+            earlier = self._pins.get(session.client)
+            if earlier is not None and _later(earlier.lsn, lsn):
+                # Two commits answered out of order: keep the newer position.
+                session.pin = Pin(session.pin.until, earlier.lsn)
             self._pins[session.client] = session.pin
 
 

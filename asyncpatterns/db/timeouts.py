@@ -86,6 +86,9 @@ def statement_timeout(
     to another client). On an autocommit connection (``make_read_engine``) it
     raises ``ValueError``: use a transaction, or give that engine its own
     ``statement_timeout``. SQLite and MySQL need an engine from ``make_engine``.
+    A session bound to several engines (``binds=``) that already holds two
+    connections gets the limit on one only (the one it began last): give each
+    engine's work a session, and a block, of its own.
     """
     if seconds is not None and not seconds > 0:
         raise ValueError(f"seconds must be positive, or None for no limit: {seconds!r}")
@@ -184,7 +187,9 @@ def _restore_bound(session: Session, outer: float | None) -> None:
 
 
 @event.listens_for(Session, "after_begin")
-def _on_begin(session: Session, _transaction: Any, connection: Connection) -> None:
+def _on_begin(session: Session, transaction: Any, connection: Connection) -> None:
+    if transaction.nested:  # a SAVEPOINT: the root transaction's SET LOCAL covers it
+        return
     limit = session.info.get(_LIMIT)
     baseline = None if limit is None else _apply(connection, limit)
     session.info[_BOUND] = (connection, session.get_transaction(), baseline)
@@ -278,7 +283,8 @@ def listen_for_statement_timeouts(engine: AsyncEngine) -> None:
 def mysql_set_session(mariadb: bool, seconds: float | None) -> str:
     """MariaDB counts seconds (any statement); MySQL milliseconds (read-only SELECTs)."""
     if mariadb:
-        value = "DEFAULT" if seconds is None else f"{seconds:.6f}"
+        # microseconds, at least one: 0 would mean no limit
+        value = "DEFAULT" if seconds is None else f"{max(seconds, 1e-6):.6f}"
         return f"SET @@session.max_statement_time = {value}"
     value = "DEFAULT" if seconds is None else str(_pg_milliseconds(seconds))
     return f"SET @@session.max_execution_time = {value}"
@@ -294,7 +300,7 @@ def _listen_sqlite(sync_engine: Any) -> None:
     event.listen(sync_engine, "after_cursor_execute", lambda conn, *_: _stop(conn.info))
     event.listen(sync_engine, "handle_error", _on_sqlite_error)
     event.listen(sync_engine, "commit", _refuse_to_commit_an_ended_transaction)
-    event.listen(sync_engine, "rollback", lambda conn: conn.info.pop(_ENDED, None))
+    event.listen(sync_engine, "rollback", _forget_the_end)
     event.listen(sync_engine, "checkin", _forget)
 
 
@@ -316,6 +322,10 @@ def _on_sqlite_error(exception_context: Any) -> None:
     conn = exception_context.connection
     if conn is None or conn.closed or conn.invalidated:
         return
+    if isinstance(exception_context.original_exception, asyncio.CancelledError):
+        # The caller gave up, not the statement: it still runs in aiosqlite's thread,
+        # and closing the connection waits for it. Let the timer stop it in time.
+        return
     running = conn.info.get(_RUNNING)
     _stop(conn.info)
     code = getattr(exception_context.original_exception, "sqlite_errorcode", None)
@@ -331,6 +341,13 @@ def _on_sqlite_error(exception_context: Any) -> None:
         # TO SAVEPOINT too: not "no such savepoint") and the commit now fail with
         # this error until the transaction is rolled back: nothing half-done commits.
         conn.info[_ENDED] = exception_context.sqlalchemy_exception
+
+
+def _forget_the_end(conn: Connection) -> None:
+    # An invalidated connection has no info to read (reading it raises, hiding the
+    # caller's cancellation); its record's info is cleared at checkin (_forget).
+    if not conn.invalidated:
+        conn.info.pop(_ENDED, None)
 
 
 def _refuse_to_commit_an_ended_transaction(conn: Connection) -> None:
