@@ -16,7 +16,7 @@ import re
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -473,7 +473,7 @@ async def test_stamp_sees_what_alembics_comparison_does_not(new_database: NewDat
     url = await made_by_create_all(new_database)
     backend = url.get_backend_name()
     if backend == "sqlite":  # SQLite cannot drop a constraint: edit the stored CREATE TABLE
-        with sqlite3.connect(url.database) as connection:
+        with closing(sqlite3.connect(url.database)) as connection, connection:
             connection.execute("PRAGMA writable_schema = ON")
             (sql,) = connection.execute("SELECT sql FROM sqlite_master WHERE name = 'account'")
             without = re.sub(r",\s*CONSTRAINT balance_not_negative CHECK \([^)]*\)", "", sql[0])
