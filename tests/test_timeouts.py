@@ -32,6 +32,7 @@ from asyncpatterns.db import (
     statement_timeout,
 )
 from asyncpatterns.db.pooler import resolve_pooler
+from asyncpatterns.db.timeouts import mysql_set_session
 from asyncpatterns.models import Team
 from asyncpatterns.pooling import pool_status
 
@@ -382,3 +383,11 @@ async def test_a_users_init_command_keeps_the_kits_timeouts(backend, database_ur
             assert is_statement_timeout(stopped.value)
     finally:
         await engine.dispose()
+
+
+def test_mariadb_limits_round_up_but_no_limit_stays_none() -> None:
+    """0.000000 is MariaDB's "no limit": a tiny limit rounds up to a microsecond, and a
+    block's "no limit" (0) must stay 0 (the rounding once turned it into 1 µs)."""
+    assert mysql_set_session(True, 4e-7).endswith("= 0.000001")
+    assert mysql_set_session(True, 0.0).endswith("= 0.000000")
+    assert mysql_set_session(True, None).endswith("= DEFAULT")

@@ -283,8 +283,8 @@ def listen_for_statement_timeouts(engine: AsyncEngine) -> None:
 def mysql_set_session(mariadb: bool, seconds: float | None) -> str:
     """MariaDB counts seconds (any statement); MySQL milliseconds (read-only SELECTs)."""
     if mariadb:
-        # microseconds, at least one: 0 would mean no limit
-        value = "DEFAULT" if seconds is None else f"{max(seconds, 1e-6):.6f}"
+        # microseconds; a positive limit at least one (0.000000 would mean no limit)
+        value = "DEFAULT" if seconds is None else f"{seconds and max(seconds, 1e-6):.6f}"
         return f"SET @@session.max_statement_time = {value}"
     value = "DEFAULT" if seconds is None else str(_pg_milliseconds(seconds))
     return f"SET @@session.max_execution_time = {value}"
