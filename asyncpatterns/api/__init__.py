@@ -6,6 +6,9 @@
 * ``errors.py`` -- the one map from error to status: handlers, middleware.
 * ``schemas.py`` -- request and response models, bounded ids and pages.
 * ``idempotency.py`` -- ``answer_once``: a retried transfer moves money once.
+* ``background.py`` -- ``AfterResponseDep``: work after the response, in a unit of
+  work of its own.
+* ``shutdown.py`` -- ``CancelledAs503``: a request cut off by shutdown is a 503.
 * ``routers/`` -- ``users.py`` (with the CSV export), ``teams.py``, ``accounts.py``.
 
 ``uvicorn asyncpatterns.api:app`` serves the app on ``$DATABASE_URL``. So
@@ -14,6 +17,7 @@
 """
 
 from .app import POOL_TIMEOUT, app, create_app, lifespan
+from .background import AfterResponse, AfterResponseDep, run_after_response, run_unit_of_work
 from .dependencies import ReadSessionDep, SessionDep, get_read_session, get_session
 from .errors import (
     UnexpectedErrorsAsJSON,
@@ -66,6 +70,8 @@ __all__ = [
     "AccountCreate",
     "AccountId",
     "AccountRead",
+    "AfterResponse",
+    "AfterResponseDep",
     "Deleted",
     "ErrorMessage",
     "ExportCutOff",
@@ -104,6 +110,8 @@ __all__ = [
     "read_user_endpoint",
     "read_users_endpoint",
     "request_validation_failed",
+    "run_after_response",
+    "run_unit_of_work",
     "transfer_endpoint",
     "update_user_endpoint",
 ]
