@@ -1,4 +1,4 @@
-"""``python -m asyncpatterns tour | bench | serve | notebooks | site | migrate``.
+"""``python -m asyncpatterns tour | bench | serve | worker | notebooks | site | migrate``.
 
 ``tour`` runs every pattern once against the embedded SQLite file (or ``--url`` /
 ``$DATABASE_URL``) and prints a short report (``tour.py``).
@@ -16,6 +16,11 @@ their outputs, the baseline nbval compares against.
 ``site`` renders the notebooks, with their committed outputs, as a static site in
 ``docs/_build/html`` (Sphinx and myst-nb, from the ``[docs]`` extra; see ``site.py``).
 
+``worker`` runs ``--workers N`` job-queue workers (``jobs.py``) on the kit's ``Job``
+table, with a demo handler, until SIGTERM or SIGINT: then no new job is claimed,
+the jobs in hand get ``--grace`` seconds to finish (then they are released for
+another worker), and the exit status is 0.
+
 ``migrate`` is Alembic's command line on the kit's migrations (``migrate upgrade
 head``, ``migrate --url URL current``, ``migrate revision --autogenerate -m ...``),
 the same as ``python -m asyncpatterns.migrations``.
@@ -23,12 +28,14 @@ the same as ``python -m asyncpatterns.migrations``.
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -36,6 +43,11 @@ from .bench import SCENARIOS, bench_command
 from .config import ConfigurationError, DatabaseUnavailableError, resolve_url
 from .db import make_engine
 from .tour import TOUR_STEPS, tour  # noqa: F401  (TOUR_STEPS: the tests import it from cli too)
+
+if TYPE_CHECKING:
+    from .models import Job
+
+_jobs_log = logging.getLogger("asyncpatterns.jobs")
 
 # Seconds the requests in flight get to finish after SIGTERM; those still running
 # then are cancelled (their transactions roll back, their clients get a 503:
@@ -160,6 +172,54 @@ def _run(coroutine: Awaitable[int | None]) -> int | None:
     return asyncio.run(run())
 
 
+async def _demo_job(session: object, job: "Job") -> None:
+    """The worker command's handler: logs the job (its payload's keys, not its
+    values: they may be personal data). ``{"sleep": s}`` takes ``s`` seconds,
+    ``{"fail": "why"}`` raises, to watch a retry and a dead job."""
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    _jobs_log.info("job %s, attempt %s: keys %s", job.id, job.attempts, sorted(payload))
+    if isinstance(payload.get("sleep"), int | float):
+        await asyncio.sleep(min(float(payload["sleep"]), 3600.0))
+    if "fail" in payload:
+        raise RuntimeError(str(payload["fail"]))
+
+
+async def work_jobs(
+    url: str | None, workers: int = 4, lease: float = 30.0, grace: float = 10.0, poll: float = 1.0
+) -> int:
+    """Run ``workers`` job workers on one engine until SIGTERM or SIGINT; return 0.
+    Each finishes (or, after ``grace`` seconds, releases) the job in hand first. On
+    PostgreSQL one ``notify.Listener`` wakes them when a job is enqueued."""
+    from .config import mask_password
+    from .jobs import run_worker
+    from .models import Job
+    from .notify import Listener
+
+    if workers < 1:
+        raise ConfigurationError("--workers: at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    engine = make_engine(url, pool_size=max(5, workers))
+    print(f"worker: {workers} worker(s) on {mask_password(engine.url)}", flush=True)
+    try:
+        options = {"lease": lease, "grace": grace, "poll": poll}
+        async with Listener(engine, Job) as listener:  # PostgreSQL: NOTIFY wakes idle workers
+            ran = await asyncio.gather(
+                *(
+                    run_worker(engine, Job, _demo_job, stop=stop, listener=listener, **options)
+                    for _ in range(workers)
+                )
+            )
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await engine.dispose()
+    print(f"worker: stopped, {sum(ran)} job(s) run", flush=True)
+    return 0
+
+
 def _sizes(text: str) -> list[int]:
     """``10000,100000`` (or ``10_000,100_000``) -> [10000, 100000]."""
     try:
@@ -177,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument(
         "target",
         nargs="?",
-        choices=["api", "pooler"],
+        choices=["api", "pooler", "jobs"],
         help="api: the served app against the ladder of hand-written apps, over HTTP; "
-        "pooler: PostgreSQL behind PgBouncer, each driver and pool",
+        "pooler: PostgreSQL behind PgBouncer, each driver and pool; "
+        "jobs: the job queue's claim against the common ones, and wake-up latency",
     )
     bench_parser.add_argument("--url", help="server or SQLite URL; bench uses a scratch database")
     bench_parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -235,6 +296,24 @@ def main(argv: list[str] | None = None) -> int:
         "site", help="render the notebooks with their stored outputs as a static site"
     )
     site_parser.add_argument("--out", default="docs/_build/html", help="default: %(default)s")
+    worker_parser = commands.add_parser(
+        "worker", help="run job-queue workers (jobs.py) until SIGTERM"
+    )
+    worker_parser.add_argument("--url", help="database URL (default: $DATABASE_URL or SQLite)")
+    worker_parser.add_argument("--workers", type=int, default=4, help="default: 4")
+    worker_parser.add_argument(
+        "--lease", type=float, default=30.0, metavar="SECONDS", help="default: 30"
+    )
+    worker_parser.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="after SIGTERM, how long the jobs in hand may take to finish (default: 10)",
+    )
+    worker_parser.add_argument(
+        "--poll", type=float, default=1.0, metavar="SECONDS", help="idle wait (default: 1)"
+    )
     commands.add_parser(
         "migrate",
         help="schema migrations: upgrade head, downgrade base, current, check, revision ...",
@@ -260,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench.pooler import pooler_bench_command
 
             return pooler_bench_command(args.url, args.quick, args.json)
+        if args.command == "bench" and args.target == "jobs":
+            from .bench.jobs import jobs_bench_command
+
+            return jobs_bench_command(args.url, args.quick, args.json)
         if args.command == "bench":
             return bench_command(
                 args.url,
@@ -279,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.connection_budget,
                 graceful_timeout=args.graceful_timeout,
             )
+        if args.command == "worker":
+            return _run(work_jobs(args.url, args.workers, args.lease, args.grace, args.poll))
         if args.command == "notebooks":
             from .notebook import regenerate  # needs the [lab] extra
 

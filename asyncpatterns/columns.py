@@ -12,6 +12,8 @@ registers no table in your metadata. What each one is for:
 * ``VersionMixin`` -- a version column the ORM counts on every UPDATE
   (``version_id_col``): optimistic locking (``locking.py``, ``crud.update``).
 * ``TimestampMixin`` -- ``created_at`` and ``updated_at`` set by the server.
+* ``UTCDateTime`` -- a time the application sets (a job's ``run_after``), read
+  back as an aware UTC ``datetime`` on every backend, to the microsecond.
 * ``TABLE_OPTIONS`` -- utf8mb4 on MySQL, and SQLite ids never reused.
 * ``NAMING_CONVENTION`` -- names for unnamed constraints, so an error names
   the same constraint on every backend (``db.constraint_error``): set it on
@@ -20,7 +22,7 @@ registers no table in your metadata. What each one is for:
 
 import re
 import unicodedata
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -222,3 +224,34 @@ class TimestampMixin(SQLModel):
         sa_type=DateTime(timezone=True),
         sa_column_kwargs={"server_default": func.now(), "onupdate": func.now()},
     )
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A point in time, written and read as an aware UTC ``datetime`` on every backend.
+
+    PostgreSQL keeps the zone (``timestamptz``); SQLite and MySQL store the UTC
+    wall time without one, to the microsecond (MySQL's ``DATETIME(6)``: a plain
+    ``DATETIME`` drops the fraction, and a one-second backoff would round away).
+    A naive ``datetime`` is refused: which zone it meant is a guess.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "mysql":
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: Any, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError("a time must be an aware datetime, e.g. datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any, Optional
 
 from pydantic import ConfigDict, field_validator
-from sqlalchemy import CheckConstraint, Text, event, false
+from sqlalchemy import JSON, CheckConstraint, Index, Text, event, false
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import declared_attr
 from sqlmodel import Field, Relationship, SQLModel
@@ -38,6 +38,7 @@ from .columns import (  # noqa: F401  (the kit's callers import these from model
     Email,
     ExactText,
     Money,
+    UTCDateTime,
     canonical_email,
     canonical_text,
     checked_email,
@@ -198,3 +199,50 @@ class UserUpdate(_StrictInput):
         if value is None:
             raise ValueError("may be omitted but not null")
         return value
+
+
+class Job(SQLModel, table=True):
+    """A unit of background work, claimed by one worker at a time under a lease (``jobs.py``).
+
+    ``state``: queued -> running (claimed; ``locked_until`` is the lease) -> done, or
+    back to queued after a failure (``run_after``: the backoff), or dead after the
+    last attempt (``last_error`` says why). ``attempts`` counts claims, the one
+    running included. Any table with these columns works with ``jobs.py``.
+    """
+
+    __table_args__ = (
+        Index("ix_job_state_run_after", "state", "run_after"),
+        Index("ix_job_state_locked_until", "state", "locked_until"),
+        TABLE_OPTIONS,
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    state: str = Field(default="queued", max_length=16)
+    attempts: int = Field(default=0)
+    run_after: datetime = Field(default_factory=lambda: datetime.now(UTC), sa_type=UTCDateTime)
+    locked_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = Field(default=None, sa_type=Text)
+
+
+class Outbox(SQLModel, table=True):
+    """An event to publish, written in the transaction of the change it announces (``outbox.py``).
+
+    ``sent_at`` is null until a relay has published it. ``locked_until``: the relay's
+    lease while it publishes, or the backoff after a failed publish (``last_error``
+    says why); ``attempts`` counts claims. The index serves the relay's claim (the
+    oldest unsent events: ``sent_at IS NULL``, in id order) and the purge (sent
+    before a cutoff). Any table with these columns works with ``outbox.py``.
+    """
+
+    __table_args__ = (Index("ix_outbox_sent_at_id", "sent_at", "id"), TABLE_OPTIONS)
+
+    id: int | None = Field(default=None, primary_key=True)
+    topic: str = Field(max_length=100)
+    key: str | None = Field(default=None, max_length=255)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC), sa_type=UTCDateTime)
+    sent_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    attempts: int = Field(default=0)
+    locked_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = Field(default=None, sa_type=Text)

@@ -439,6 +439,146 @@ SMOKE = dict(
 
             asyncio.run(main())
         """,
+        "jobs.py": """
+            from datetime import datetime
+            from typing import Any
+
+            from sqlalchemy import JSON, Text
+            from sqlmodel import Field
+
+            from myapp import jobs
+            from myapp.columns import UTCDateTime
+            from myapp.db import make_session_maker
+
+
+            class Chore(SQLModel, table=True):  # the reader's own job table
+                id: int | None = Field(default=None, primary_key=True)
+                payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+                state: str = Field(default="queued", max_length=16)
+                attempts: int = 0
+                run_after: datetime = Field(default_factory=jobs.utc_now, sa_type=UTCDateTime)
+                locked_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+                last_error: str | None = Field(default=None, sa_type=Text)
+
+
+            async def main():
+                engine = await fresh_engine()
+                assert jobs.utc_now().utcoffset().total_seconds() == 0
+                async with make_session_maker(engine)() as session:
+                    first = await jobs.enqueue(session, Chore, {"mail": "welcome"})
+                    second = await jobs.enqueue(session, Chore, {"mail": "bye"})
+                claimed = await jobs.claim(engine, Chore)
+                assert (claimed.id, claimed.attempts) == (first.id, 1), claimed
+                assert await jobs.extend(engine, claimed, 60)
+                assert await jobs.release(engine, claimed)  # given back, the attempt not counted
+                again = await jobs.claim(engine, Chore)
+                assert (again.id, again.attempts) == (first.id, 1), again
+                assert await jobs.fail(engine, again, "smtp down", backoff=0.01) == jobs.QUEUED
+                assert not await jobs.complete(engine, again)  # no longer this claim's
+                ran, stop = [], asyncio.Event()
+
+                async def handle(session, job):
+                    ran.append(job.id)
+                    if len(ran) == 2:
+                        stop.set()
+
+                await asyncio.wait_for(jobs.run_worker(engine, Chore, handle, stop=stop, poll=0.05), 30)
+                assert sorted(ran) == [first.id, second.id], ran
+                async with make_session_maker(engine)() as session:
+                    states = (await session.exec(select(Chore.state, Chore.attempts))).all()
+                assert sorted(states) == [("done", 1), ("done", 2)], states
+                await finish(engine)
+
+
+            asyncio.run(main())
+        """,
+        "notify.py": """
+            from myapp import notify
+            from myapp.db import make_session_maker
+
+
+            async def main():
+                engine = await fresh_engine()
+                assert notify.channel_name(Item) == "item" and notify.channel_name("Jobs") == "Jobs"
+                try:
+                    notify.channel_name("x" * 64)
+                    raise AssertionError("a channel PostgreSQL would truncate was accepted")
+                except ValueError:
+                    pass
+                async with notify.Listener(engine, Item) as listener:
+                    assert listener.listening == (BACKEND == "postgresql"), listener.listening
+                    heard = listener.heard
+                    async with make_session_maker(engine)() as session, session.begin():
+                        await notify.notify(session, Item)  # delivered when this commits
+                    woke = await listener.wait(10 if BACKEND == "postgresql" else 0.1, since=heard)
+                    assert woke == (BACKEND == "postgresql"), (BACKEND, woke)
+                await finish(engine)
+
+
+            asyncio.run(main())
+        """,
+        "outbox.py": """
+            from datetime import datetime, timedelta
+            from typing import Any
+
+            from sqlalchemy import JSON, Text
+            from sqlmodel import Field
+
+            from myapp import outbox
+            from myapp.columns import UTCDateTime
+            from myapp.db import make_session_maker
+
+
+            class Event(SQLModel, table=True):  # the reader's own outbox table
+                id: int | None = Field(default=None, primary_key=True)
+                topic: str = Field(max_length=100)
+                key: str | None = Field(default=None, max_length=255)
+                payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+                created_at: datetime = Field(sa_type=UTCDateTime)
+                sent_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+                attempts: int = 0
+                locked_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+                last_error: str | None = Field(default=None, sa_type=Text)
+
+
+            async def main():
+                engine = await fresh_engine()
+                sessions = make_session_maker(engine)
+                try:
+                    async with sessions() as session:
+                        await outbox.emit(session, Event, "item.added", {"sku": "L"})
+                    raise AssertionError("an event was written outside a transaction")
+                except outbox.NoTransactionError:
+                    pass
+                try:
+                    async with sessions() as session, session.begin():
+                        session.add(Item(sku="L", region="eu", name="Lamp"))
+                        await outbox.emit(session, Event, "item.added", {"sku": "L"}, key="L")
+                        raise RuntimeError("the change fails")
+                except RuntimeError:
+                    pass
+                async with sessions() as session, session.begin():
+                    session.add(Item(sku="L", region="eu", name="Lamp"))
+                    first = await outbox.emit(session, Event, "item.added", {"sku": "L"}, key="L")
+                    second = await outbox.emit(session, Event, "item.added", {"sku": "M"})
+                [claimed, _] = await outbox.claim(engine, Event, batch=2, lease=0.1)
+                await asyncio.sleep(0.3)  # that relay died: its lease is over
+                published, stop = [], asyncio.Event()
+
+                async def publish(event):
+                    published.append(event.id)
+                    if len(published) == 2:
+                        stop.set()
+
+                await asyncio.wait_for(outbox.relay(engine, Event, publish, stop=stop, poll=0.05), 30)
+                assert published == [first.id, second.id], published
+                assert not await outbox.mark_sent(engine, claimed)  # the dead relay's claim
+                assert await outbox.purge_sent(engine, Event, timedelta(0)) == 2
+                await finish(engine)
+
+
+            asyncio.run(main())
+        """,
         "pooling.py": """
             from functools import partial
             from sqlalchemy.exc import TimeoutError as PoolTimeout

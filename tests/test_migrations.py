@@ -135,7 +135,7 @@ async def test_check_sees_a_model_change_that_has_no_revision(new_database: NewD
     await migrations.upgrade(url, "0001")  # as if 0002 had not been written yet
     differences = await migrations.check(url)
     assert ("add_column", "account", "is_verified") in [
-        (d[0], d[2], d[3].name) for d in differences
+        (d[0], d[2], d[3].name) for d in differences if d[0] == "add_column"
     ]
 
 
@@ -454,7 +454,7 @@ async def test_stamp_refuses_a_revision_whose_schema_the_database_does_not_have(
 ) -> None:
     url = await made_by_create_all(new_database)
     head = migrations.head()
-    refused = rf"refusing to stamp {REVISIONS[0]}: .*user\.version extra.*stamp {head}`"
+    refused = rf"refusing to stamp {REVISIONS[0]}: .*(table job|user\.version) extra.*stamp {head}`"
     with pytest.raises(migrations.SchemaMismatchError, match=refused):
         await migrations.stamp(url, REVISIONS[0])
     assert await migrations.current(url) is None

@@ -26,8 +26,9 @@ from fastapi.responses import StreamingResponse
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import Receive, Scope, Send
 
-from ... import crud, exports, locking
-from ...models import User, UserCreate, UserRead, UserUpdate
+from ... import crud, exports, locking, outbox
+from ...db import run_in_transaction
+from ...models import Outbox, User, UserCreate, UserRead, UserUpdate
 from ..dependencies import ReadSessionDep, SessionDep
 from ..errors import _errors
 from ..schemas import Deleted, Limit, Skip, UserId
@@ -42,9 +43,19 @@ EMAIL_TAKEN = "Email already registered"
 
 @router.post("/users/", status_code=201, responses=_errors(400, 404), tags=["users"])
 async def create_user_endpoint(user: UserCreate, session: SessionDep) -> UserRead:
-    """Register a user. The unique constraint, not a prior SELECT, rejects a taken email."""
+    """Register a user. The unique constraint, not a prior SELECT, rejects a taken email.
+    A ``user.created`` event (``outbox.py``) commits with the user, and only then."""
+
+    async def create_and_announce(tx: AsyncSession) -> User:
+        created = await crud.create_user(tx, User.model_validate(user))
+        # Ids, not the email or name: an event is kept and copied (the broker, its
+        # consumers' logs); consumers read the user's current data by id.
+        announced = {"id": created.id, "team_id": created.team_id}
+        await outbox.emit(tx, Outbox, "user.created", announced, key=str(created.id))
+        return created
+
     try:
-        created = await crud.create_user(session, User.model_validate(user))
+        created = await run_in_transaction(session, create_and_announce)
     except crud.DuplicateEmailError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, EMAIL_TAKEN) from None
     except LookupError as exc:  # the team_id has no team

@@ -1,0 +1,366 @@
+"""A job queue in the database: claimed once at a time, never lost, retried, then dead.
+
+Use ``enqueue(session, Job, payload)`` inside the transaction that makes the work
+necessary, and ``run_worker(engine, Job, handler, stop=event)`` in the workers.
+Any table with the columns of ``models.Job`` works. What goes wrong without it:
+
+* Claiming as *select the oldest queued job, then mark it running*: two workers
+  select the same row and both run it. Here a claim is atomic. PostgreSQL: one
+  ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING``,
+  one round trip. MySQL 8 / MariaDB 10.6+ (no UPDATE ... RETURNING): ``SELECT ...
+  FOR UPDATE SKIP LOCKED``, then the UPDATE, in one transaction. SQLite (one
+  writer): the same UPDATE ... RETURNING inside ``BEGIN IMMEDIATE``.
+* ``FOR UPDATE`` without ``SKIP LOCKED``: every worker queues behind the first
+  one's row lock. With ``SKIP LOCKED`` each takes the next free job.
+* Marking a job "running" and trusting the worker to finish it: a worker killed
+  mid-job (SIGKILL, OOM, a lost machine) leaves it running forever. Here a claim
+  is a *lease* (``locked_until``), renewed while the handler runs; a job whose
+  lease expired is claimed again (and ``last_error`` records it). Delivery is
+  therefore at-least-once: a handler must be idempotent. Use the job's id as the
+  idempotency key (a unique column in what it writes), or write its effect and
+  ``complete(session, job)`` in one transaction: then the effect happens once.
+* Retrying a failing job at once, forever: here the next attempt waits
+  ``backoff * 2**attempts`` seconds, and after ``max_attempts`` the job is dead,
+  with its last error, for a person to look at. A job whose worker keeps dying
+  goes dead the same way.
+* A finished worker that updates "its" job by id alone overwrites the worker
+  that took it over after its lease expired. Here every update is guarded by
+  the claim it belongs to (state running, same ``attempts``).
+
+Times come from the application's clock, in UTC, on every backend: keep the
+workers' clocks in sync (NTP), and the lease well above the skew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, case, literal, null, or_, update
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel import SQLModel, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from .config import DatabaseUnavailableError
+from .db import (
+    is_connection_lost,
+    is_lock_timeout,
+    is_retryable,
+    lock_for_writing,
+    make_session_maker,
+    run_in_transaction,
+)
+from .notify import Listener, Polling, notify
+
+QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
+LEASE = 30.0  # seconds a claim holds a job; renewed every third of it while it runs
+MAX_ATTEMPTS = 5
+BACKOFF = 1.0  # seconds: the next attempt waits BACKOFF * 2**attempts (at most MAX_DELAY)
+MAX_DELAY = 3600.0
+GRACE = 10.0  # seconds the job in hand may take to finish after stop; then it is released
+LEASE_EXPIRED = "lease expired: the worker running it stopped or lost the database"
+ERROR_LENGTH = 2000
+
+M = TypeVar("M", bound=SQLModel)
+Sessions = AsyncEngine | async_sessionmaker[AsyncSession]
+Handler = Callable[[AsyncSession, Any], Awaitable[None]]
+log = logging.getLogger("asyncpatterns.jobs")
+
+
+def utc_now() -> datetime:
+    """The clock jobs are scheduled and leased by: the application's, in UTC."""
+    return datetime.now(UTC)
+
+
+async def enqueue(
+    session: AsyncSession, model: type[M], payload: Any, *, run_after: datetime | None = None
+) -> M:
+    """Queue a job and return it, with its id. Joins the caller's transaction when
+    one was begun (the job exists only if the caller's work commits); otherwise
+    commits it on its own (``run_in_transaction``). ``payload`` must be JSON:
+    anything else is a ``TypeError`` here, before the database is asked."""
+    json.dumps(payload, allow_nan=False)
+    job = model(payload=payload, state=QUEUED, attempts=0, run_after=run_after or utc_now())
+
+    async def add(tx: AsyncSession) -> M:
+        tx.add(job)
+        await tx.flush()
+        await notify(tx, model)  # PostgreSQL: idle listeners wake when this commits
+        return job
+
+    return await run_in_transaction(session, add)
+
+
+async def claim(
+    sessions: Sessions, model: type[M], *, lease: float = LEASE, max_attempts: int = MAX_ATTEMPTS
+) -> M | None:
+    """Take the next due job (queued and ``run_after`` passed, or running with its
+    lease expired) and return it, running, leased for ``lease`` seconds, with
+    ``attempts`` counted; None when there is none. Its own transaction, committed.
+    A job whose lease expired on its last attempt is moved to dead instead."""
+    while True:
+        job = await _alone(sessions, lambda s: _claim(s, model, lease, max_attempts))
+        if job is None or job.state == RUNNING:
+            return job
+        log.warning("job %s is dead: its lease expired on attempt %s", _key(job), job.attempts)
+
+
+async def _claim(session: AsyncSession, model: Any, lease: float, max_attempts: int) -> Any:
+    c, key = model.__table__.c, _pk(model)
+    now = utc_now()
+    expired = and_(c.state == RUNNING, c.locked_until < now)
+    until = now + timedelta(seconds=lease)
+    if session.get_bind().dialect.update_returning:  # PostgreSQL, SQLite: one statement
+        exhausted = and_(expired, c.attempts >= max_attempts)
+        due = or_(and_(c.state == QUEUED, c.run_after <= now), expired)
+        pick = select(key).where(due).order_by(c.run_after, key).limit(1)
+        claimed = (
+            update(model)
+            .where(key == pick.with_for_update(skip_locked=True).scalar_subquery())
+            .values(
+                state=case((exhausted, DEAD), else_=RUNNING),
+                attempts=case((exhausted, c.attempts), else_=c.attempts + 1),
+                locked_until=case((exhausted, null()), else_=literal(until, c.locked_until.type)),
+                last_error=case((c.state == RUNNING, LEASE_EXPIRED), else_=c.last_error),
+            )
+            .returning(model)
+            .execution_options(synchronize_session=False)
+        )
+        return (await session.exec(claimed)).scalar_one_or_none()
+    # MySQL/MariaDB (READ COMMITTED, see _alone): lock one free row, the others skip
+    # it, then update it. Two scans, each in its index's order and stopping at its
+    # first free row: one scan for "a OR b" would lock every row it sorts.
+    job = None
+    for where, first in (
+        (and_(c.state == QUEUED, c.run_after <= now), c.run_after),
+        (expired, c.locked_until),
+    ):
+        pick = select(model).where(where).order_by(first, key).limit(1)
+        job = (await session.exec(pick.with_for_update(skip_locked=True))).one_or_none()
+        if job is not None:
+            break
+    if job is not None:
+        if job.state == RUNNING:
+            job.last_error = LEASE_EXPIRED
+        if job.state == RUNNING and job.attempts >= max_attempts:
+            job.state, job.locked_until = DEAD, None
+        else:
+            job.state, job.attempts = RUNNING, job.attempts + 1
+            job.locked_until = until
+        await session.flush()
+    return job
+
+
+async def complete(where: AsyncSession | Sessions, job: Any) -> bool:
+    """Mark a claimed job done. False if it is no longer this claim's (its lease
+    expired and another worker took it over, or it was completed already).
+
+    Given a session: runs in the caller's transaction when one was begun (write
+    the handler's effect and complete in one transaction: done exactly once, and
+    on False roll back), else commits on its own. Given an engine or session
+    maker: one statement, its own transaction."""
+    return await _guarded(where, job, state=DONE, locked_until=None)
+
+
+async def fail(
+    where: AsyncSession | Sessions,
+    job: Any,
+    error: BaseException | str,
+    *,
+    max_attempts: int = MAX_ATTEMPTS,
+    backoff: float = BACKOFF,
+) -> str | None:
+    """Record a failed attempt: queued again after ``backoff * 2**attempts`` seconds,
+    or dead after ``max_attempts``, with ``error`` as ``last_error`` either way.
+    Returns the new state, None if the job is no longer this claim's. Transactions
+    as ``complete``."""
+    dead = job.attempts >= max_attempts
+    delay = min(backoff * 2**job.attempts, MAX_DELAY)
+    run_after = job.run_after if dead else utc_now() + timedelta(seconds=delay)
+    state = DEAD if dead else QUEUED
+    values = {"state": state, "locked_until": None, "last_error": _error_text(error)}
+    done = await _guarded(where, job, run_after=run_after, **values)
+    return state if done else None
+
+
+async def release(where: AsyncSession | Sessions, job: Any) -> bool:
+    """Give a claimed job back unrun (a worker stopping): due now, the attempt not counted."""
+    attempts = job.attempts - 1
+    return await _guarded(where, job, state=QUEUED, locked_until=None, attempts=attempts)
+
+
+async def extend(where: AsyncSession | Sessions, job: Any, lease: float = LEASE) -> bool:
+    """Renew a claim's lease: ``lease`` seconds from now. False if it is no longer ours."""
+    return await _guarded(where, job, locked_until=utc_now() + timedelta(seconds=lease))
+
+
+async def _guarded(where: AsyncSession | Sessions, job: Any, **values: Any) -> bool:
+    model = type(job)
+    c, key = model.__table__.c, _pk(model)
+    statement = (
+        update(model)
+        .where(key == _key(job), c.state == RUNNING, c.attempts == job.attempts)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+    async def write(session: AsyncSession) -> bool:
+        return (await session.exec(statement)).rowcount == 1
+
+    if isinstance(where, AsyncSession):
+        ours = await run_in_transaction(where, write)
+    else:
+        ours = await _alone(where, write, one_statement=True)
+    if ours:
+        for name, value in values.items():
+            set_committed_value(job, name, value)
+    return ours
+
+
+async def _alone(
+    sessions: Sessions,
+    work: Callable[[AsyncSession], Awaitable[Any]],
+    *,
+    one_statement: bool = False,
+) -> Any:
+    """``work`` in a transaction of its own, committed; re-run after a deadlock.
+    One statement on a server runs in autocommit: atomic alone, one round trip.
+    MySQL's claim runs in READ COMMITTED: no gap locks, no row locked but the one."""
+    maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
+    for attempt in range(1, 6):
+        try:
+            async with maker(expire_on_commit=False) as session:
+                dialect = session.get_bind().dialect
+                if dialect.name == "sqlite":
+                    await lock_for_writing(session)  # BEGIN IMMEDIATE: the one writer
+                else:  # MySQL's REPEATABLE READ would also lock the gaps: enqueues wait
+                    alone = one_statement or dialect.update_returning
+                    level = "AUTOCOMMIT" if alone else "READ COMMITTED"
+                    await session.connection(execution_options={"isolation_level": level})
+                result = await work(session)
+                await session.commit()
+                return result
+        except DBAPIError as exc:
+            if attempt == 5 or not is_retryable(exc):
+                raise
+        await asyncio.sleep(0.01 * 2**attempt * random.random())
+    raise AssertionError("unreachable")
+
+
+async def run_worker(
+    sessions: Sessions,
+    model: type[M],
+    handler: Handler,
+    *,
+    stop: asyncio.Event,
+    lease: float = LEASE,
+    max_attempts: int = MAX_ATTEMPTS,
+    backoff: float = BACKOFF,
+    poll: float = 1.0,
+    grace: float = GRACE,
+    listener: Listener | None = None,
+) -> int:
+    """Claim and run jobs until ``stop`` is set; return how many this worker ran.
+
+    ``await handler(session, job)`` runs each, in a session of its own that is
+    in no transaction (commit what it writes; to write and complete at once:
+    ``async with session.begin(): ...; await complete(session, job)``). Returns
+    normally: complete; raises: ``fail`` (retry with backoff, or dead). After
+    ``stop`` no new job is claimed; the one running gets ``grace`` seconds, then
+    it is cancelled and released. A lost database is waited out, not raised.
+    With a ``listener`` (``notify.Listener``, one per process) an idle wait ends
+    when a job is enqueued; ``poll`` seconds stays the longest wait."""
+    maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
+    how = {"lease": lease, "grace": grace, "max_attempts": max_attempts, "backoff": backoff}
+    ran, wake = 0, listener or Polling()
+    while not stop.is_set():
+        heard = wake.heard  # a job enqueued while we claim still ends the wait below
+        try:
+            job = await claim(maker, model, lease=lease, max_attempts=max_attempts)
+            if job is not None:
+                await _run_one(maker, job, handler, stop, **how)
+                ran += 1
+                continue
+        except (DBAPIError, DatabaseUnavailableError) as exc:
+            if isinstance(exc, DBAPIError) and not (
+                is_connection_lost(exc) or is_lock_timeout(exc)
+            ):
+                raise
+            log.warning("job queue: the database is unavailable (%s); waiting", type(exc).__name__)
+        await wake.wait(poll, since=heard, stop=stop)
+    return ran
+
+
+async def _run_one(maker: Any, job: Any, handler: Handler, stop: asyncio.Event, **how: Any) -> None:
+    lease, grace = how["lease"], how["grace"]
+
+    async def handle() -> None:
+        async with maker() as session:
+            await handler(session, job)
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(handle())
+    stopping = asyncio.create_task(stop.wait())
+    deadline, beat = None, loop.time() + lease / 3
+    try:
+        while not task.done():
+            left = lease if deadline is None else deadline - loop.time()
+            if left <= 0:
+                break
+            waits = {task} if stop.is_set() else {task, stopping}
+            timeout = min(left, max(beat - loop.time(), 0))
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and deadline is None:
+                deadline = loop.time() + grace
+            if not task.done() and loop.time() >= beat:
+                beat = loop.time() + lease / 3
+                if not await _extend_quietly(maker, job, lease):
+                    log.warning("job %s: lease lost; another worker may run it too", _key(job))
+    except BaseException:
+        task.cancel()  # never leave the handler running behind our back
+        raise
+    finally:
+        stopping.cancel()
+    if not task.done():  # stopping, and the grace is over: cancel and give it back
+        task.cancel()
+        await asyncio.wait({task}, timeout=grace)
+        await release(maker, job)
+        log.info("job %s released unfinished, for another worker", _key(job))
+        return
+    error: BaseException | str | None = "cancelled" if task.cancelled() else task.exception()
+    if error is None:
+        await complete(maker, job)
+    elif (
+        await fail(maker, job, error, max_attempts=how["max_attempts"], backoff=how["backoff"])
+        == DEAD
+    ):
+        log.error("job %s is dead after %s attempts", _key(job), job.attempts)
+
+
+async def _extend_quietly(maker: Any, job: Any, lease: float) -> bool:
+    try:
+        return await extend(maker, job, lease)
+    except (DBAPIError, DatabaseUnavailableError) as exc:  # the lease may still hold: go on
+        log.warning("job %s: lease not renewed (%s)", _key(job), type(exc).__name__)
+        return True
+
+
+def _pk(model: Any) -> Any:
+    return sa_inspect(model).primary_key[0]
+
+
+def _key(job: Any) -> Any:
+    return sa_inspect(job).mapper.primary_key_from_instance(job)[0]
+
+
+def _error_text(error: BaseException | str) -> str:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return text.replace("\x00", "\ufffd")[:ERROR_LENGTH]  # PostgreSQL text holds no NUL
