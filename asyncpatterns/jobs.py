@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,7 @@ from typing import Any, TypeVar
 from sqlalchemy import and_, case, literal, null, or_, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import SQLModel, select
@@ -278,6 +280,7 @@ async def run_worker(
     it is cancelled and released. A lost database is waited out, not raised.
     With a ``listener`` (``notify.Listener``, one per process) an idle wait ends
     when a job is enqueued; ``poll`` seconds stays the longest wait."""
+    _check_times(lease=lease, backoff=backoff, poll=poll, grace=grace, max_attempts=max_attempts)
     maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
     how = {"lease": lease, "grace": grace, "max_attempts": max_attempts, "backoff": backoff}
     ran, wake = 0, listener or Polling()
@@ -289,7 +292,7 @@ async def run_worker(
                 await _run_one(maker, job, handler, stop, **how)
                 ran += 1
                 continue
-        except (DBAPIError, DatabaseUnavailableError) as exc:
+        except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
             if isinstance(exc, DBAPIError) and not (
                 is_connection_lost(exc) or is_lock_timeout(exc)
             ):
@@ -332,25 +335,64 @@ async def _run_one(maker: Any, job: Any, handler: Handler, stop: asyncio.Event, 
     if not task.done():  # stopping, and the grace is over: cancel and give it back
         task.cancel()
         await asyncio.wait({task}, timeout=grace)
-        await release(maker, job)
+        await _settle(job, lease, lambda: release(maker, job))
         log.info("job %s released unfinished, for another worker", _key(job))
         return
     error: BaseException | str | None = "cancelled" if task.cancelled() else task.exception()
     if error is None:
-        await complete(maker, job)
+        await _settle(job, lease, lambda: complete(maker, job))
     elif (
-        await fail(maker, job, error, max_attempts=how["max_attempts"], backoff=how["backoff"])
+        await _settle(
+            job,
+            lease,
+            lambda: fail(
+                maker, job, error, max_attempts=how["max_attempts"], backoff=how["backoff"]
+            ),
+        )
         == DEAD
     ):
         log.error("job %s is dead after %s attempts", _key(job), job.attempts)
 
 
+async def _settle(job: Any, lease: float, write: Callable[[], Awaitable[Any]]) -> Any:
+    """Record a job's outcome, retried while the database is busy or away (for up to
+    a lease): a finished job whose ``complete`` was lost would run again. Guarded by
+    the claim, so a retry after another worker took the job over changes nothing."""
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + lease, 0.1
+    while True:
+        try:
+            return await write()
+        except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
+            lost = (
+                not isinstance(exc, DBAPIError) or is_connection_lost(exc) or is_lock_timeout(exc)
+            )
+            if not lost or loop.time() + delay > deadline:
+                raise
+            log.warning(
+                "job %s: outcome not recorded yet (%s); retrying", _key(job), type(exc).__name__
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 async def _extend_quietly(maker: Any, job: Any, lease: float) -> bool:
     try:
         return await extend(maker, job, lease)
-    except (DBAPIError, DatabaseUnavailableError) as exc:  # the lease may still hold: go on
+    except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:  # the lease may hold
         log.warning("job %s: lease not renewed (%s)", _key(job), type(exc).__name__)
         return True
+
+
+def _check_times(**values: float) -> None:
+    """Refuse what would spin (a lease of 0) or crash later (NaN) with a clear error."""
+    for name, value in values.items():
+        least = 1 if name == "max_attempts" else 0
+        positive = name in ("lease", "poll")
+        if not math.isfinite(value) or value < least or (positive and value <= 0):
+            raise ValueError(
+                f"{name} must be a finite number {'> 0' if positive else f'>= {least}'}: {value!r}"
+            )
 
 
 def _pk(model: Any) -> Any:
@@ -362,5 +404,8 @@ def _key(job: Any) -> Any:
 
 
 def _error_text(error: BaseException | str) -> str:
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    try:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    except Exception:  # an exception whose str() raises
+        text = type(error).__name__
     return text.replace("\x00", "\ufffd")[:ERROR_LENGTH]  # PostgreSQL text holds no NUL

@@ -364,3 +364,16 @@ async def test_hostile_payloads_come_back_as_they_went_in(
     claimed = await jobs.claim(engine, Job)
     assert claimed is not None and claimed.id == job_id
     assert claimed.payload == payload
+
+
+@pytest.mark.parametrize(
+    "option", [{"lease": 0}, {"lease": float("nan")}, {"backoff": float("nan")}, {"poll": -1}]
+)
+async def test_a_worker_refuses_times_that_would_spin_or_crash(
+    engine: AsyncEngine, option: dict[str, float]
+) -> None:
+    async def handler(session: AsyncSession, job: Job) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="must be a finite number"):
+        await jobs.run_worker(engine, Job, handler, stop=asyncio.Event(), **option)  # type: ignore[arg-type]
