@@ -1011,6 +1011,11 @@ def expect_nothing_stored(body: Any, answer: Any, before: Rows, changed: Changes
 
 
 def expect_user_created(body: Any, answer: Any, before: Rows, changed: Changes) -> None:
+    # One user.created event, in the user's transaction (outbox.py): ids only.
+    events = changed.pop("outbox", ([], [], []))
+    assert [(e["topic"], e["payload"]) for e in events[0]] == [
+        ("user.created", {"id": answer["id"], "team_id": answer["team_id"]})
+    ] and events[1:] == ([], []), events
     user = only_added(changed, "user")
     assert as_read(user) == answer
     assert user["email"] == canonical_email(body["email"])
