@@ -104,6 +104,7 @@ async def stamp(url: str | URL | None, revision: str = "head") -> str:
     wanted = head() if revision == "head" else revision
     differences = await schema_differences(resolved, wanted)
     if differences:
+        differences.sort(key=lambda d: not d.startswith("table "))  # whole tables first
         found = await matching_revision(resolved)
         hint = (
             f"it has revision {found}'s: `python -m asyncpatterns migrate stamp {found}`"
