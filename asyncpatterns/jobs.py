@@ -88,8 +88,15 @@ async def enqueue(
     """Queue a job and return it, with its id. Joins the caller's transaction when
     one was begun (the job exists only if the caller's work commits); otherwise
     commits it on its own (``run_in_transaction``). ``payload`` must be JSON:
-    anything else is a ``TypeError`` here, before the database is asked."""
+    anything else is a ``TypeError`` here, before the database is asked, as is a
+    naive ``run_after`` (a ``ValueError``: which zone it meant is a guess)."""
     json.dumps(payload, allow_nan=False)
+    if run_after is not None and (
+        not isinstance(run_after, datetime) or run_after.utcoffset() is None
+    ):
+        raise ValueError(
+            f"run_after must be an aware datetime, e.g. utc_now() + delay: {run_after!r}"
+        )
     job = model(payload=payload, state=QUEUED, attempts=0, run_after=run_after or utc_now())
 
     async def add(tx: AsyncSession) -> M:
@@ -205,11 +212,22 @@ async def extend(where: AsyncSession | Sessions, job: Any, lease: float = LEASE)
 
 
 async def _guarded(where: AsyncSession | Sessions, job: Any, **values: Any) -> bool:
-    model = type(job)
-    c, key = model.__table__.c, _pk(model)
+    c = type(job).__table__.c
+    return await _update_if_held(
+        where, job, [c.state == RUNNING, c.attempts == job.attempts], values
+    )
+
+
+async def _update_if_held(
+    where: AsyncSession | Sessions, row: Any, held: list[Any], values: dict[str, Any]
+) -> bool:
+    """Set ``values`` on ``row`` if the ``held`` conditions (its claim) still hold:
+    one guarded UPDATE, in the caller's transaction (a session) or its own (an
+    engine or session maker). True, and ``row`` updated in memory, if it changed."""
+    model = type(row)
     statement = (
         update(model)
-        .where(key == _key(job), c.state == RUNNING, c.attempts == job.attempts)
+        .where(_pk(model) == _key(row), *held)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -223,7 +241,7 @@ async def _guarded(where: AsyncSession | Sessions, job: Any, **values: Any) -> b
         ours = await _alone(where, write, one_statement=True)
     if ours:
         for name, value in values.items():
-            set_committed_value(job, name, value)
+            set_committed_value(row, name, value)
     return ours
 
 
@@ -232,20 +250,25 @@ async def _alone(
     work: Callable[[AsyncSession], Awaitable[Any]],
     *,
     one_statement: bool = False,
+    level: str | None = None,
+    write: bool = True,
 ) -> Any:
     """``work`` in a transaction of its own, committed; re-run after a deadlock.
     One statement on a server runs in autocommit: atomic alone, one round trip.
-    MySQL's claim runs in READ COMMITTED: no gap locks, no row locked but the one."""
+    MySQL's claim runs in READ COMMITTED: no gap locks, no row locked but the one.
+    ``level`` overrides the level on a server; on SQLite a ``write`` takes the
+    write lock first."""
     maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
     for attempt in range(1, 6):
         try:
             async with maker(expire_on_commit=False) as session:
                 dialect = session.get_bind().dialect
                 if dialect.name == "sqlite":
-                    await lock_for_writing(session)  # BEGIN IMMEDIATE: the one writer
+                    if write:
+                        await lock_for_writing(session)  # BEGIN IMMEDIATE: the one writer
                 else:  # MySQL's REPEATABLE READ would also lock the gaps: enqueues wait
                     alone = one_statement or dialect.update_returning
-                    level = "AUTOCOMMIT" if alone else "READ COMMITTED"
+                    level = level or ("AUTOCOMMIT" if alone else "READ COMMITTED")
                     await session.connection(execution_options={"isolation_level": level})
                 result = await work(session)
                 await session.commit()
@@ -283,11 +306,14 @@ async def run_worker(
     _check_times(lease=lease, backoff=backoff, poll=poll, grace=grace, max_attempts=max_attempts)
     maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
     how = {"lease": lease, "grace": grace, "max_attempts": max_attempts, "backoff": backoff}
-    ran, wake = 0, listener or Polling()
+    ran, wake, down = 0, listener or Polling(), False
     while not stop.is_set():
         heard = wake.heard  # a job enqueued while we claim still ends the wait below
         try:
             job = await claim(maker, model, lease=lease, max_attempts=max_attempts)
+            if down:
+                down = False
+                log.info("job queue: the database answers again")
             if job is not None:
                 await _run_one(maker, job, handler, stop, **how)
                 ran += 1
@@ -297,7 +323,12 @@ async def run_worker(
                 is_connection_lost(exc) or is_lock_timeout(exc)
             ):
                 raise
-            log.warning("job queue: the database is unavailable (%s); waiting", type(exc).__name__)
+            if not down:  # once per outage, not once per poll
+                down = True
+                log.warning(
+                    "job queue: the database is busy or unreachable (%s); waiting",
+                    type(exc).__name__,
+                )
         await wake.wait(poll, since=heard, stop=stop)
     return ran
 
@@ -325,10 +356,12 @@ async def _run_one(maker: Any, job: Any, handler: Handler, stop: asyncio.Event, 
                 deadline = loop.time() + grace
             if not task.done() and loop.time() >= beat:
                 beat = loop.time() + lease / 3
-                if not await _extend_quietly(maker, job, lease):
+                # False after the handler's own complete(session, job): not a lost lease
+                if not await _extend_quietly(maker, job, lease) and job.state == RUNNING:
                     log.warning("job %s: lease lost; another worker may run it too", _key(job))
-    except BaseException:
+    except BaseException:  # cancelled from outside (or worse): give the job back
         task.cancel()  # never leave the handler running behind our back
+        await asyncio.shield(_give_back(maker, job, task))
         raise
     finally:
         stopping.cancel()
@@ -374,6 +407,19 @@ async def _settle(job: Any, lease: float, write: Callable[[], Awaitable[Any]]) -
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
+
+
+async def _give_back(maker: Any, job: Any, task: asyncio.Task[None]) -> None:
+    """Release a job whose worker is cancelled, rather than leave it running until its
+    lease is over; a database that cannot be reached leaves that to the lease."""
+    await asyncio.wait({task}, timeout=1.0)
+    try:
+        if await release(maker, job):
+            log.info("job %s released: its worker was cancelled", _key(job))
+    except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
+        log.warning(
+            "job %s: not released (%s); its lease will free it", _key(job), type(exc).__name__
+        )
 
 
 async def _extend_quietly(maker: Any, job: Any, lease: float) -> bool:

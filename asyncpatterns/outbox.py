@@ -62,7 +62,18 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .config import DatabaseUnavailableError
 from .db import is_connection_lost, is_lock_timeout, lock_for_writing, make_session_maker
-from .jobs import BACKOFF, LEASE, MAX_DELAY, Sessions, _alone, _error_text, _key, _pk, utc_now
+from .jobs import (
+    BACKOFF,
+    LEASE,
+    MAX_DELAY,
+    Sessions,
+    _alone,
+    _error_text,
+    _key,
+    _pk,
+    _update_if_held,
+    utc_now,
+)
 
 BATCH = 100  # events per claim
 M = TypeVar("M", bound=SQLModel)
@@ -177,23 +188,9 @@ async def mark_sent(sessions: Sessions, event: Any) -> bool:
 
 
 async def _guarded(sessions: Sessions, event: Any, **values: Any) -> bool:
-    model = type(event)
-    c, key = model.__table__.c, _pk(model)
-    statement = (
-        update(model)
-        .where(key == _key(event), c.attempts == event.attempts, c.sent_at.is_(None))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-
-    async def write(session: AsyncSession) -> bool:
-        return (await session.exec(statement)).rowcount == 1
-
-    ours: bool = await _alone(sessions, write, one_statement=True)
-    if ours:
-        for name, value in values.items():
-            set_committed_value(event, name, value)
-    return ours
+    c = type(event).__table__.c
+    held = [c.attempts == event.attempts, c.sent_at.is_(None)]
+    return await _update_if_held(sessions, event, held, values)
 
 
 async def relay(
@@ -218,10 +215,13 @@ async def relay(
     back at once. A lost database is waited out, not raised.
     """
     maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
-    published = 0
+    published, down = 0, False
     while not stop.is_set():
         try:
             events = await claim(maker, model, batch=batch, lease=lease)
+            if down:
+                down = False
+                log.info("outbox: the database answers again")
             if events:
                 published += await _publish_all(maker, events, publish, stop, backoff)
                 continue
@@ -230,7 +230,11 @@ async def relay(
                 is_connection_lost(exc) or is_lock_timeout(exc)
             ):
                 raise
-            log.warning("outbox: the database is unavailable (%s); waiting", type(exc).__name__)
+            if not down:  # once per outage, not once per poll
+                down = True
+                log.warning(
+                    "outbox: the database is busy or unreachable (%s); waiting", type(exc).__name__
+                )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), poll)
     return published

@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,8 @@ async def test_enqueue_refuses_what_is_not_json(engine: AsyncEngine) -> None:
             await jobs.enqueue(session, Job, {"when": object()})
         with pytest.raises(ValueError):
             await jobs.enqueue(session, Job, {"amount": float("nan")})
+        with pytest.raises(ValueError, match="aware datetime"):  # not a StatementError
+            await jobs.enqueue(session, Job, {}, run_after=datetime(2030, 1, 1))
     assert await all_jobs(engine) == []
 
 
@@ -377,3 +379,74 @@ async def test_a_worker_refuses_times_that_would_spin_or_crash(
 
     with pytest.raises(ValueError, match="must be a finite number"):
         await jobs.run_worker(engine, Job, handler, stop=asyncio.Event(), **option)  # type: ignore[arg-type]
+
+
+async def test_a_worker_cancelled_from_outside_gives_its_job_back(engine: AsyncEngine) -> None:
+    """A task group torn down, a test's timeout: the job is queued again at once, its
+    attempt not counted, instead of held until its lease is over."""
+    [job_id] = await enqueue_many(engine, [{}])
+    started = asyncio.Event()
+
+    async def handler(session: AsyncSession, job: Job) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    worker = asyncio.create_task(jobs.run_worker(engine, Job, handler, stop=asyncio.Event()))
+    await asyncio.wait_for(started.wait(), WAIT)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    [job] = await all_jobs(engine)
+    assert (job.id, job.state, job.attempts, job.locked_until) == (job_id, jobs.QUEUED, 0, None)
+
+
+async def test_a_handler_that_completes_its_job_is_no_lost_lease(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heartbeat's renewal finds the job done by the handler's own transaction
+    while the handler goes on: that is no lease lost, and no warning says so."""
+    await enqueue_many(engine, [{}])
+    stop = asyncio.Event()
+
+    async def handler(session: AsyncSession, job: Job) -> None:
+        async with session.begin():
+            assert await jobs.complete(session, job)
+        await asyncio.sleep(0.5)  # more work after the commit: past a renewal
+        stop.set()
+
+    await jobs.run_worker(engine, Job, handler, stop=stop, lease=0.6)
+    [job] = await all_jobs(engine)
+    assert job.state == jobs.DONE
+    assert not [r for r in caplog.records if "lease lost" in r.getMessage()]
+
+
+async def test_an_outage_is_logged_once_not_once_per_poll(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten polls against a database that cannot be reached: one warning, then one
+    line when it answers again."""
+    from asyncpatterns.config import DatabaseUnavailableError
+
+    polls, stop = 0, asyncio.Event()
+    real_claim = jobs.claim
+
+    async def claim(*args: Any, **kwargs: Any) -> Job | None:
+        nonlocal polls
+        polls += 1
+        if polls <= 10:
+            raise DatabaseUnavailableError("cannot connect to the database")
+        stop.set()
+        return await real_claim(*args, **kwargs)
+
+    async def handler(session: AsyncSession, job: Job) -> None:
+        pass
+
+    caplog.set_level("INFO", logger="asyncpatterns.jobs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs, "claim", claim)
+        await jobs.run_worker(engine, Job, handler, stop=stop, poll=0.01)
+    said = [r.getMessage() for r in caplog.records if r.name == "asyncpatterns.jobs"]
+    assert said == [
+        "job queue: the database is busy or unreachable (DatabaseUnavailableError); waiting",
+        "job queue: the database answers again",
+    ]

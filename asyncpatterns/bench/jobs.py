@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,7 +64,6 @@ from ..db import (
     create_db_and_tables,
     is_lock_timeout,
     is_retryable,
-    lock_for_writing,
     make_engine,
     make_session_maker,
     throwaway_database,
@@ -105,7 +105,7 @@ async def claim_waiting(sessions: Maker, model: type[M], *, lease: float = jobs.
             await session.flush()
         return job
 
-    return await _transaction(sessions, "READ COMMITTED", take)
+    return await jobs._alone(sessions, take, level="READ COMMITTED")
 
 
 async def claim_optimistically(
@@ -120,7 +120,9 @@ async def claim_optimistically(
         now = jobs.utc_now()
         due = select(model).where(c.state == jobs.QUEUED, c.run_after <= now)
         oldest = due.order_by(c.run_after, c.id).limit(1)
-        job = await _transaction(sessions, "AUTOCOMMIT", _one_or_none, oldest, write=False)
+        job = await jobs._alone(
+            sessions, partial(_one_or_none, query=oldest), level="AUTOCOMMIT", write=False
+        )
         if job is None:
             return None
         until = now + timedelta(seconds=lease)
@@ -131,7 +133,7 @@ async def claim_optimistically(
             .values(state=jobs.RUNNING, attempts=attempts + 1, locked_until=until)
             .execution_options(synchronize_session=False)
         )
-        if await _transaction(sessions, "AUTOCOMMIT", _rowcount, mark) == 1:
+        if await jobs._alone(sessions, partial(_rowcount, statement=mark), level="AUTOCOMMIT") == 1:
             job.state, job.attempts, job.locked_until = jobs.RUNNING, attempts + 1, until  # type: ignore[attr-defined]
             return job
         if tally is not None:
@@ -144,33 +146,6 @@ async def _one_or_none(session: AsyncSession, query: Any) -> Any:
 
 async def _rowcount(session: AsyncSession, statement: Any) -> int:
     return int((await session.exec(statement)).rowcount)
-
-
-async def _transaction(
-    sessions: Maker,
-    level: str,
-    work: Callable[..., Awaitable[T]],
-    *args: Any,
-    write: bool = True,
-) -> T:
-    """``work(session, *args)`` in a transaction of its own, begun as ``jobs.claim``
-    begins its: SQLite's write lock first if it writes, else ``level``; re-run after
-    a deadlock."""
-    for attempt in range(1, 6):
-        try:
-            async with sessions() as session:
-                if write and session.get_bind().dialect.name == "sqlite":
-                    await lock_for_writing(session)
-                else:
-                    await session.connection(execution_options={"isolation_level": level})
-                result = await work(session, *args)
-                await session.commit()
-                return result
-        except DBAPIError as exc:
-            if attempt == 5 or not is_retryable(exc):
-                raise
-        await asyncio.sleep(0.01 * 2**attempt * random.random())
-    raise AssertionError("unreachable")
 
 
 STRATEGIES: list[tuple[str, str, Claim]] = [
