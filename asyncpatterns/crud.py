@@ -55,12 +55,12 @@ from .bulk import (  # noqa: F401  (the seed's bulk names live in bulk.py, and a
     user_refusal,
 )
 from .db import AlreadyExistsError, ReferenceNotFoundError, run_in_transaction
+from .pagination import MAX_PAGE_SIZE
 
 if TYPE_CHECKING:
     from .models import User, UserUpdate
 
 M = TypeVar("M", bound=SQLModel)
-MAX_PAGE_SIZE = 100
 
 
 class VersionConflictError(Exception):

@@ -69,7 +69,8 @@ class UserBase(SQLModel):
 
 
 class User(AsyncAttrs, UserBase, table=True):
-    __table_args__ = TABLE_OPTIONS
+    # (name, id): keyset pages by name start at an index seek (pagination.py)
+    __table_args__ = (Index("ix_user_name_id", "name", "id"), TABLE_OPTIONS)
 
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(max_length=EMAIL_LENGTH, unique=True, index=True, sa_type=Email(255))

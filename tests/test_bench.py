@@ -193,3 +193,18 @@ async def test_streaming_scenario_reads_every_row_each_way(engine) -> None:
 def test_bench_command_refuses_a_stream_size_below_one(capsys) -> None:
     assert main(["bench", "--stream-rows", "100,0"]) == 2
     assert "stream rows must be at least 1" in capsys.readouterr().err
+
+
+async def test_pagination_scenario_reads_the_deep_page_each_way(engine) -> None:
+    results = await bench.pagination_scenario(engine, rows=250, repeats=1)
+    assert [r.variant.split(":")[0] for r in results] == [
+        "offset by id",
+        "keyset by id",
+        "offset by name",
+        "keyset by name",
+        "keyset by name, page 1 (for scale)",
+    ]
+    assert all(r.statements == 1 for r in results)  # each page one SELECT
+    assert all(r.extra == {"rows": 250, "page": 100, "skip": 150} for r in results)
+    assert all("faster than its offset" in r.notes for r in results if r.kind == bench.KIT)
+    assert await count_rows(engine, User) == 0  # emptied after the scenario

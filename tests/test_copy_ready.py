@@ -402,6 +402,50 @@ SMOKE = dict(
 
             asyncio.run(main())
         """,
+        "pagination.py": """
+            from sqlalchemy.ext.asyncio import async_sessionmaker
+            from sqlmodel.ext.asyncio.session import AsyncSession
+
+            from myapp import pagination
+
+
+            async def main():
+                engine = await tables(create_async_engine(URL))  # needs nothing of the kit's
+                sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+                async with sessions() as session:
+                    aisle = Aisle(name="A")
+                    session.add(aisle)
+                    await session.flush()
+                    session.add_all(items(25))
+                    session.add_all([Gadget(serial=f"G{i}", aisle_id=aisle.id) for i in range(7)])
+                    await session.commit()
+                    seen, cursor = [], None
+                    while True:
+                        page = await pagination.keyset_page(
+                            session, Item, order_by=Item.name, cursor=cursor, limit=4
+                        )
+                        seen += [item.name for item in page.items]
+                        if (cursor := page.next) is None:
+                            break
+                    order = select(Item.name).order_by(Item.name, Item.id)
+                    assert seen == list((await session.exec(order)).all())
+                    back = await pagination.keyset_page(
+                        session, Item, order_by=Item.name, cursor=page.previous, limit=4
+                    )
+                    assert back.items and back.next
+                    first = await pagination.keyset_page(session, Gadget, limit=5)  # UUID keys
+                    rest = await pagination.keyset_page(session, Gadget, cursor=first.next)
+                    assert len({g.id for g in first.items + rest.items}) == 7
+                    try:
+                        await pagination.keyset_page(session, Item, cursor="tampered")
+                        raise AssertionError("a tampered cursor was taken")
+                    except pagination.InvalidCursorError:
+                        pass
+                await finish(engine)
+
+
+            asyncio.run(main())
+        """,
         "exports.py": """
             import io
             from contextlib import aclosing

@@ -8,7 +8,7 @@ as is an id past the 32-bit INTEGER columns.
 """
 
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Strict, field_validator, model_validator
@@ -16,6 +16,7 @@ from sqlmodel import Field, SQLModel
 
 from .. import crud
 from ..models import CENT, MAX_ID, TEXT_PATTERN, UserRead, checked_name
+from ..pagination import MAX_CURSOR_LENGTH
 
 # -- Parameters: ids fit the 32-bit INTEGER columns, pages are bounded ---------
 
@@ -24,6 +25,17 @@ TeamId = Annotated[int, Path(ge=1, le=MAX_ID)]
 AccountId = Annotated[int, Path(ge=1, le=MAX_ID)]
 Skip = Annotated[int, Query(ge=0, le=MAX_ID)]
 Limit = Annotated[int, Query(ge=1, le=crud.MAX_PAGE_SIZE)]
+Cursor = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=MAX_CURSOR_LENGTH,
+        description='A page\'s place: take it from the Link header\'s rel="next" or rel="prev".',
+    ),
+]
+UserSort = Annotated[
+    Literal["id", "name"], Query(description="The order of the pages (ties by id).")
+]
 
 
 # -- Schemas the endpoints add to the models' ---------------------------------

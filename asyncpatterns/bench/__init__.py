@@ -32,6 +32,7 @@ from .measure import (
     add_ratios,
     measure,
 )
+from .pages import pagination_scenario
 from .report import (
     SCENARIOS,
     Report,
@@ -68,6 +69,7 @@ __all__ = [
     "format_report",
     "make_users",
     "measure",
+    "pagination_scenario",
     "plot_results",
     "pool_sweep",
     "raw_copy",

@@ -24,11 +24,20 @@ from .concurrency import pool_sweep, transfers
 from .inserts import bulk_insert
 from .loading import eager_loading
 from .measure import ANTI, DEFAULT_REPEATS, KIT, OTHER, QUICK_REPEATS, RAW, Result
+from .pages import pagination_scenario
 from .scenarios import FULL, QUICK, ROW_AT_A_TIME_LIMIT
 from .streams import streaming_scenario
 from .upserts import upsert
 
-SCENARIOS = ("bulk_insert", "eager_loading", "pool_sweep", "transfers", "streaming", "upsert")
+SCENARIOS = (
+    "bulk_insert",
+    "eager_loading",
+    "pool_sweep",
+    "transfers",
+    "streaming",
+    "upsert",
+    "pagination",
+)
 
 
 @dataclass
@@ -79,6 +88,8 @@ async def _run_scenario(
             return await upsert(engine, sizes["users"], repeats, progress)
         if name == "streaming":
             return await streaming_scenario(engine, sizes["stream_rows"], repeats, progress)
+        if name == "pagination":
+            return await pagination_scenario(engine, sizes["page_rows"], repeats, progress)
         return await transfers(engine, sizes["transfers"], repeats=repeats, progress=progress)
     finally:
         await engine.dispose()
@@ -152,6 +163,7 @@ def _rounds(scenario: str, backend: str, repeats: int, users: int, stream_sizes:
         "transfers": 2,
         "streaming": 4 * stream_sizes,
         "upsert": 2 + (1 if users <= ROW_AT_A_TIME_LIMIT else 0),
+        "pagination": 5,
     }[scenario]
     return variants * (repeats + 2)  # a warm-up round and a memory round
 
@@ -205,6 +217,8 @@ def _size(result: Result) -> str:
     extra = result.extra
     if "sizes" in extra:
         return "(" + " / ".join(f"{size:,}" for size in extra["sizes"]) + " rows)"
+    if "skip" in extra:
+        return f"({extra['rows']:,} users, a page of {extra['page']} after {extra['skip']:,})"
     if "existing" in extra:
         return f"({extra['users']:,} users, {extra['existing']:,} of them stored already)"
     if "users" in extra:

@@ -8,6 +8,7 @@ One module per scenario group, each readable on its own:
 * ``concurrency.py`` -- ``pool_sweep`` (queries per second at each pool size) and
   ``transfers`` (concurrent transfers, and the money the common version loses).
 * ``streams.py`` -- ``streaming``: the peak memory of ``.all()`` against a stream.
+* ``pages.py`` -- ``pagination``: a deep page by ``OFFSET`` against a keyset page.
 
 This module holds what they share: the sizes of a full and a quick run, the user
 table's columns, emptying it, and the driver's own connection. The scenario
@@ -30,6 +31,7 @@ QUICK = {"users": 100, "teams": 10, "members": 5, "queries": 20, "transfers": 20
 # Table sizes the streaming scenario reads (--stream-rows: e.g. 10000,100000,1000000).
 FULL["stream_rows"] = (10_000, 100_000)  # type: ignore[assignment]
 QUICK["stream_rows"] = (100, 1_000)  # type: ignore[assignment]
+FULL["page_rows"], QUICK["page_rows"] = 100_000, 1_000  # the pagination scenario's table
 # Above this many rows, bulk_insert and upsert leave their row-at-a-time variants out.
 ROW_AT_A_TIME_LIMIT = 20_000
 

@@ -26,12 +26,12 @@ from fastapi.responses import StreamingResponse
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import Receive, Scope, Send
 
-from ... import crud, exports, locking, outbox
+from ... import crud, exports, locking, outbox, pagination
 from ...db import run_in_transaction
 from ...models import Outbox, User, UserCreate, UserRead, UserUpdate
 from ..dependencies import ReadSessionDep, SessionDep
 from ..errors import _errors
-from ..schemas import Deleted, Limit, Skip, UserId
+from ..schemas import Cursor, Deleted, Limit, Skip, UserId, UserSort
 
 logger = logging.getLogger("asyncpatterns.api")  # the API's one logger (see errors.py)
 
@@ -157,13 +157,42 @@ async def read_user_endpoint(
     return UserRead.model_validate(user)
 
 
-@router.get("/users/", tags=["users"])
+@router.get("/users/", responses=_errors(400), tags=["users"])
 async def read_users_endpoint(
-    session: ReadSessionDep, skip: Skip = 0, limit: Limit = crud.MAX_PAGE_SIZE
+    request: Request,
+    response: Response,
+    session: ReadSessionDep,
+    limit: Limit = crud.MAX_PAGE_SIZE,
+    sort: UserSort = "id",
+    cursor: Cursor = None,
+    skip: Skip = 0,
 ) -> list[UserRead]:
-    """One page of users in id order; ``limit`` is at most 100."""
-    users = await crud.get_users(session, skip=skip, limit=limit)
-    return [UserRead.model_validate(user) for user in users]
+    """One page of users in ``sort`` order (ties by id), at most ``limit``. The pages
+    before and after are in the ``Link`` header (``rel="next"``, ``rel="prev"``):
+    follow them; a cursor is opaque. ``skip`` (an offset, in id order) is the old
+    way: slow deep down, and it skips or repeats rows while others write."""
+    if skip:
+        if cursor is not None or sort != "id":
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST, "skip pages in id order only, without cursor"
+            )
+        users = await crud.get_users(session, skip=skip, limit=limit)
+        return [UserRead.model_validate(user) for user in users]
+    order = User.name if sort == "name" else None
+    try:
+        page = await pagination.keyset_page(
+            session, User, order_by=order, cursor=cursor, limit=limit
+        )
+    except pagination.InvalidCursorError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"Invalid cursor: {exc}") from None
+    links = []  # relative references: right behind any proxy
+    for rel, place in (("next", page.next), ("prev", page.previous)):
+        if place is not None:
+            url = request.url.include_query_params(cursor=place)
+            links.append(f'<{url.path}?{url.query}>; rel="{rel}"')
+    if links:
+        response.headers["Link"] = ", ".join(links)
+    return [UserRead.model_validate(user) for user in page.items]
 
 
 IfMatchHeader = Annotated[
