@@ -70,6 +70,8 @@ MAX_DELAY = 3600.0
 GRACE = 10.0  # seconds the job in hand may take to finish after stop; then it is released
 LEASE_EXPIRED = "lease expired: the worker running it stopped or lost the database"
 ERROR_LENGTH = 2000
+MAX_DEPTH = 31  # levels of arrays and objects: MariaDB's json_valid CHECK refuses 32
+MAX_PAYLOAD_BYTES = 8_000_000  # half MySQL's default max_allowed_packet (16 MiB)
 
 M = TypeVar("M", bound=SQLModel)
 Sessions = AsyncEngine | async_sessionmaker[AsyncSession]
@@ -90,7 +92,7 @@ async def enqueue(
     commits it on its own (``run_in_transaction``). ``payload`` must be JSON:
     anything else is a ``TypeError`` here, before the database is asked, as is a
     naive ``run_after`` (a ``ValueError``: which zone it meant is a guess)."""
-    json.dumps(payload, allow_nan=False)
+    check_json(payload)
     if run_after is not None and (
         not isinstance(run_after, datetime) or run_after.utcoffset() is None
     ):
@@ -192,7 +194,7 @@ async def fail(
     Returns the new state, None if the job is no longer this claim's. Transactions
     as ``complete``."""
     dead = job.attempts >= max_attempts
-    delay = min(backoff * 2**job.attempts, MAX_DELAY)
+    delay = retry_delay(backoff, job.attempts)
     run_after = job.run_after if dead else utc_now() + timedelta(seconds=delay)
     state = DEAD if dead else QUEUED
     values = {"state": state, "locked_until": None, "last_error": _error_text(error)}
@@ -430,10 +432,42 @@ async def _extend_quietly(maker: Any, job: Any, lease: float) -> bool:
         return True
 
 
+def check_json(payload: Any) -> None:
+    """Refuse, with a ``TypeError`` or ``ValueError`` before the database is asked,
+    a payload that would not come back as it went in on every backend: not JSON
+    (a set, bytes), NaN or infinities, a lone surrogate, a key that is not a str
+    (``{1: "a"}`` comes back as ``{"1": "a"}``), nesting deeper than MariaDB's 31 levels,
+    or more than ``MAX_PAYLOAD_BYTES`` encoded (MySQL's ``max_allowed_packet``
+    would drop the connection, which looks like an outage)."""
+    try:
+        text = json.dumps(payload, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        raise ValueError(f"the payload is nested deeper than {MAX_DEPTH} levels") from None
+    if len(text.encode()) > MAX_PAYLOAD_BYTES:  # lone surrogates raise here too
+        raise ValueError(f"the payload is over {MAX_PAYLOAD_BYTES:,} bytes as JSON")
+    stack = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list | tuple):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"the payload is nested deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                if not all(isinstance(key, str) for key in value):
+                    raise TypeError("the payload's object keys must be str: others change type")
+                value = value.values()
+            stack.extend((item, depth + 1) for item in value)
+
+
+def retry_delay(backoff: float, attempts: int) -> float:
+    """Seconds before the next attempt: ``backoff * 2**attempts``, at most ``MAX_DELAY``
+    (and never an overflow, however many attempts)."""
+    return min(backoff * 2.0 ** min(attempts, 64), MAX_DELAY)
+
+
 def _check_times(**values: float) -> None:
     """Refuse what would spin (a lease of 0) or crash later (NaN) with a clear error."""
     for name, value in values.items():
-        least = 1 if name == "max_attempts" else 0
+        least = 1 if name in ("max_attempts", "batch") else 0
         positive = name in ("lease", "poll")
         if not math.isfinite(value) or value < least or (positive and value <= 0):
             raise ValueError(
@@ -454,4 +488,5 @@ def _error_text(error: BaseException | str) -> str:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     except Exception:  # an exception whose str() raises
         text = type(error).__name__
+    text = text.encode("utf-8", "replace").decode()  # a lone surrogate: no database holds it
     return text.replace("\x00", "\ufffd")[:ERROR_LENGTH]  # PostgreSQL text holds no NUL

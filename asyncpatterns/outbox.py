@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.session import SessionTransactionOrigin
@@ -65,13 +66,15 @@ from .db import is_connection_lost, is_lock_timeout, lock_for_writing, make_sess
 from .jobs import (
     BACKOFF,
     LEASE,
-    MAX_DELAY,
     Sessions,
     _alone,
+    _check_times,
     _error_text,
     _key,
     _pk,
     _update_if_held,
+    check_json,
+    retry_delay,
     utc_now,
 )
 
@@ -94,13 +97,14 @@ async def emit(
     the transaction first (``async with session.begin():``, ``session_scope``, the
     work of ``run_in_transaction``) and make the change in it: with none begun this
     raises ``NoTransactionError`` and writes nothing. It never commits. ``payload``
-    must be JSON, ``topic`` (and ``key``, e.g. the aggregate's id) text that fits
-    its column: anything else is a ``TypeError`` or ``ValueError`` here, before the
-    database is asked. No savepoint, on purpose: an event the database refuses
+    must be JSON that comes back the same on every backend (``jobs.check_json``),
+    ``topic`` (and ``key``, e.g. the aggregate's id) text that fits its column:
+    anything else is a ``TypeError`` or ``ValueError`` here, before the database is
+    asked. No savepoint, on purpose: an event the database refuses
     rolls the caller's transaction back (SQLAlchemy's rule for a failed flush), so
     the change cannot commit without its event.
     """
-    json.dumps(payload, allow_nan=False, ensure_ascii=False).encode()  # lone surrogates too
+    check_json(payload)
     _check_text(model, "topic", topic)
     if key is not None:
         _check_text(model, "key", key)
@@ -124,6 +128,7 @@ def _check_text(model: Any, name: str, value: object) -> None:
     length = getattr(model.__table__.c[name].type, "length", None)
     if not value or "\x00" in value or (length is not None and len(value) > length):
         raise ValueError(f"{name} must be 1 to {length} characters, without NUL")
+    value.encode()  # a lone surrogate: a UnicodeEncodeError (a ValueError), no database holds it
 
 
 async def claim(
@@ -133,6 +138,7 @@ async def claim(
     one expired: a relay that died, or a retry's backoff over) and return them in
     id order, leased for ``lease`` seconds, ``attempts`` counted. Its own
     transaction, committed: one statement where the backend can."""
+    _check_times(batch=batch, lease=lease)
     return sorted(
         await _alone(sessions, lambda s: _claim(s, model, batch, lease)),
         key=_key,
@@ -212,8 +218,16 @@ async def relay(
     2**attempts`` seconds (at most an hour); the next event goes on. ``publish``
     runs in no transaction: nothing is locked while the broker takes its time.
     After ``stop`` the event in hand finishes and the rest of the batch is given
-    back at once. A lost database is waited out, not raised.
+    back at once; cancelled from outside, the events it had not begun are given
+    back too. A lost database or an exhausted pool is waited out, not raised.
+    ``publish`` must be an async function (a plain one would send, then fail at
+    the await, and send again); any exception it raises, a ``CancelledError`` of its
+    own included, is a failed publish, never the relay's end.
     """
+    _check_times(batch=batch, lease=lease, poll=poll, backoff=backoff)
+    if not (inspect.iscoroutinefunction(publish) or inspect.iscoroutinefunction(publish.__call__)):  # type: ignore[operator]
+        # a plain function would publish, then fail at the await: sent again and again
+        raise TypeError(f"publish must be an async function, not {publish!r}")
     maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
     published, down = 0, False
     while not stop.is_set():
@@ -225,7 +239,7 @@ async def relay(
             if events:
                 published += await _publish_all(maker, events, publish, stop, backoff)
                 continue
-        except (DBAPIError, DatabaseUnavailableError) as exc:
+        except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
             if isinstance(exc, DBAPIError) and not (
                 is_connection_lost(exc) or is_lock_timeout(exc)
             ):
@@ -247,30 +261,53 @@ async def _publish_all(
     stop: asyncio.Event,
     backoff: float,
 ) -> int:
-    published = 0
-    for index, event in enumerate(events):
-        left = (event.locked_until - utc_now()).total_seconds()
-        if stop.is_set() or left <= 0:  # stopping, or the lease is over: leave the rest
-            for unpublished in events[index:]:
-                await _guarded(maker, unpublished, locked_until=None)  # ours? free it now
-            break
-        try:
-            async with asyncio.timeout(left):  # past the lease, another relay may take it
-                await publish(event)
-        except Exception as exc:
-            delay = min(backoff * 2**event.attempts, MAX_DELAY)
-            retry = utc_now() + timedelta(seconds=delay)
-            await _guarded(maker, event, locked_until=retry, last_error=_error_text(exc))
-            log.warning(
-                "event %s (%s): publish failed, retry in %.1f s", _key(event), event.topic, delay
-            )
-            continue
-        published += 1
-        if not await mark_sent(maker, event):
-            log.warning(
-                "event %s: lease lost before it was marked sent: it may go twice", _key(event)
-            )
+    published, index = 0, 0
+    try:
+        for index, event in enumerate(events):  # noqa: B007 (the except below reads index)
+            left = (event.locked_until - utc_now()).total_seconds()
+            if stop.is_set() or left <= 0:  # stopping, or the lease is over: leave the rest
+                await _give_back(maker, events[index:])
+                break
+            if await _publish_one(maker, event, publish, left, backoff):
+                published += 1
+    except BaseException:  # cancelled from outside: the rest of the batch, back at once
+        await asyncio.shield(_give_back(maker, events[index + 1 :], quietly=True))
+        raise
     return published
+
+
+async def _give_back(maker: Any, events: list[Any], *, quietly: bool = False) -> None:
+    for event in events:
+        try:
+            await _guarded(maker, event, locked_until=None)  # ours? free it now
+        except (DBAPIError, DatabaseUnavailableError, PoolTimeout):
+            if not quietly:
+                raise
+            return  # the database is away: the leases will free them
+
+
+async def _publish_one(
+    maker: Any, event: Any, publish: Callable[[Any], Awaitable[object]], left: float, backoff: float
+) -> bool:
+    """Publish one event and mark it sent; on a failure, schedule its retry. True if
+    the broker took it."""
+    task = asyncio.current_task()
+    try:
+        async with asyncio.timeout(left):  # past the lease, another relay may take it
+            await publish(event)
+    except (Exception, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
+            raise  # we are cancelled; a CancelledError of publish's own is a failure
+        delay = retry_delay(backoff, event.attempts)
+        retry = utc_now() + timedelta(seconds=delay)
+        await _guarded(maker, event, locked_until=retry, last_error=_error_text(exc))
+        log.warning(
+            "event %s (%s): publish failed, retry in %.1f s", _key(event), event.topic, delay
+        )
+        return False
+    if not await mark_sent(maker, event):
+        log.warning("event %s: lease lost before it was marked sent: it may go twice", _key(event))
+    return True
 
 
 async def purge_sent(
@@ -279,6 +316,7 @@ async def purge_sent(
     """Delete the events sent more than ``older_than`` ago, ``batch`` rows per
     transaction (never a long lock); return how many. Unsent events are never
     touched. Keep them as long as a consumer may need to replay."""
+    _check_times(batch=batch)
     cutoff = utc_now() - older_than
     deleted = 0
     while True:

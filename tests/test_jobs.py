@@ -267,6 +267,14 @@ async def test_enqueue_refuses_what_is_not_json(engine: AsyncEngine) -> None:
             await jobs.enqueue(session, Job, {"when": object()})
         with pytest.raises(ValueError):
             await jobs.enqueue(session, Job, {"amount": float("nan")})
+        with pytest.raises(TypeError, match="keys must be str"):  # {1: 2} reads back {"1": 2}
+            await jobs.enqueue(session, Job, {1: 2})
+        with pytest.raises(ValueError, match="nested deeper"):
+            await jobs.enqueue(
+                session,
+                Job,
+                {"d": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+            )
         with pytest.raises(ValueError, match="aware datetime"):  # not a StatementError
             await jobs.enqueue(session, Job, {}, run_after=datetime(2030, 1, 1))
     assert await all_jobs(engine) == []
@@ -450,3 +458,14 @@ async def test_an_outage_is_logged_once_not_once_per_poll(
         "job queue: the database is busy or unreachable (DatabaseUnavailableError); waiting",
         "job queue: the database answers again",
     ]
+
+
+async def test_an_error_text_no_database_can_hold_is_recorded_readably(engine: AsyncEngine) -> None:
+    await enqueue_many(engine, [{}])
+    job = await jobs.claim(engine, Job)
+    assert job is not None
+    error = RuntimeError("bad \x00 " + b"\xff".decode("utf-8", "surrogateescape"))
+    assert await jobs.fail(engine, job, error, backoff=0) == jobs.QUEUED
+    [stored] = await all_jobs(engine)
+    assert stored.last_error == "RuntimeError: bad \ufffd ?"
+    assert jobs.retry_delay(1.0, 10_000) == jobs.MAX_DELAY  # 2**10000 would overflow a float

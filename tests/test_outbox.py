@@ -436,3 +436,137 @@ async def test_racing_posts_of_one_email_emit_one_event(
     assert [(e.topic, e.payload["id"]) for e in await all_events(engine)] == [
         ("user.created", winner["id"])
     ]
+
+
+# -- what once stopped a relay for good, or every relay after it on the same event ------
+
+
+async def test_a_poison_event_never_stops_the_relay(engine: AsyncEngine) -> None:
+    """An event retried past any float backoff (2**1100), a broker error whose text
+    holds a lone surrogate, a publish raising a CancelledError of its own: each is
+    a failed publish, recorded, and the relay goes on to the next event."""
+    first, second, third, last = await emit_many(engine, 4)
+    async with make_session_maker(engine)() as session, session.begin():
+        await session.exec(update(Outbox).where(col(Outbox.id) == first).values(attempts=1100))
+    stop, published = asyncio.Event(), []
+
+    async def hostile(e: Outbox) -> None:
+        if e.id == first:
+            raise ConnectionError("refused")
+        if e.id == second:
+            raise RuntimeError(b"bad \xff".decode("utf-8", "surrogateescape"))
+        if e.id == third:
+            raise asyncio.CancelledError()  # not the relay's cancellation
+        published.append(e.id)
+        stop.set()
+
+    await asyncio.wait_for(outbox.relay(engine, Outbox, hostile, stop=stop, poll=0.02), WAIT)
+    assert published == [last]
+    errors = {e.id: e.last_error for e in await all_events(engine)}
+    assert errors[first] == "ConnectionError: refused"
+    assert errors[second] == "RuntimeError: bad ?"
+    assert errors[third] == "CancelledError: "
+
+
+async def test_a_relay_waits_out_an_exhausted_pool(engine: AsyncEngine) -> None:
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    await emit_many(engine, 1)
+    calls, stop, real_claim = 0, asyncio.Event(), outbox.claim
+
+    async def claim(*args: Any, **kwargs: Any) -> list[Outbox]:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            raise PoolTimeout("QueuePool limit reached")
+        return await real_claim(*args, **kwargs)
+
+    async def publish(e: Outbox) -> None:
+        stop.set()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(outbox, "claim", claim)
+        assert (
+            await asyncio.wait_for(
+                outbox.relay(engine, Outbox, publish, stop=stop, poll=0.01), WAIT
+            )
+            == 1
+        )
+
+
+async def test_a_relay_cancelled_from_outside_gives_its_batch_back(engine: AsyncEngine) -> None:
+    ids = await emit_many(engine, 3)
+    started = asyncio.Event()
+
+    async def hangs(e: Outbox) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    relay = asyncio.create_task(outbox.relay(engine, Outbox, hangs, stop=asyncio.Event(), lease=30))
+    await asyncio.wait_for(started.wait(), WAIT)
+    relay.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await relay
+    rest = await outbox.claim(engine, Outbox)  # the two it had not begun: free at once
+    assert [e.id for e in rest] == ids[1:]
+
+
+@pytest.mark.parametrize(
+    "option", [{"lease": 0}, {"batch": 0}, {"poll": 0}, {"backoff": float("nan")}, {"batch": -1}]
+)
+async def test_a_relay_refuses_what_would_spin_or_publish_twice(
+    engine: AsyncEngine, option: dict[str, float]
+) -> None:
+    async def publish(e: Outbox) -> None:
+        pass
+
+    def plain(e: Outbox) -> None:  # would publish, then fail at the await: again and again
+        pass
+
+    with pytest.raises(ValueError, match="must be a finite number"):
+        await outbox.relay(engine, Outbox, publish, stop=asyncio.Event(), **option)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="async function"):
+        await outbox.relay(engine, Outbox, plain, stop=asyncio.Event())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await outbox.claim(engine, Outbox, batch=-1)
+    with pytest.raises(ValueError):
+        await outbox.purge_sent(engine, Outbox, timedelta(0), batch=0)
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+CHANGED_OR_REFUSED = {
+    "int keys": ({1: "a"}, TypeError),  # would come back as {"1": "a"}
+    "none key": ({None: 1}, TypeError),
+    "32 deep": (nested(32), ValueError),  # MariaDB's JSON CHECK stops at 31
+    "5000 deep": (nested(5000), ValueError),  # a RecursionError in json.dumps
+    "over 8 MB": ({"text": "x" * 8_000_001}, ValueError),
+}
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"), CHANGED_OR_REFUSED.values(), ids=CHANGED_OR_REFUSED.keys()
+)
+async def test_what_would_not_come_back_the_same_is_refused(
+    engine: AsyncEngine, payload: Any, error: type[Exception]
+) -> None:
+    async with make_session_maker(engine)() as session, session.begin():
+        with pytest.raises(error):
+            await outbox.emit(session, Outbox, "t", payload)
+        with pytest.raises(ValueError):  # a lone surrogate in the topic or the key
+            await outbox.emit(session, Outbox, "t\udcff", {})
+        with pytest.raises(ValueError):
+            await outbox.emit(session, Outbox, "t", {}, key="k\udcff")
+    assert await all_events(engine) == []
+
+
+async def test_nesting_31_deep_comes_back_on_every_backend(engine: AsyncEngine) -> None:
+    async with make_session_maker(engine)() as session, session.begin():
+        await outbox.emit(session, Outbox, "t", {"d": nested(30)})  # the object is level 1
+    [claimed] = await outbox.claim(engine, Outbox)
+    assert claimed.payload == {"d": nested(30)}
