@@ -92,7 +92,7 @@ async def enqueue(
     commits it on its own (``run_in_transaction``). ``payload`` must be JSON:
     anything else is a ``TypeError`` here, before the database is asked, as is a
     naive ``run_after`` (a ``ValueError``: which zone it meant is a guess)."""
-    check_json(payload)
+    _check_json(payload)
     if run_after is not None and (
         not isinstance(run_after, datetime) or run_after.utcoffset() is None
     ):
@@ -194,7 +194,7 @@ async def fail(
     Returns the new state, None if the job is no longer this claim's. Transactions
     as ``complete``."""
     dead = job.attempts >= max_attempts
-    delay = retry_delay(backoff, job.attempts)
+    delay = _retry_delay(backoff, job.attempts)
     run_after = job.run_after if dead else utc_now() + timedelta(seconds=delay)
     state = DEAD if dead else QUEUED
     values = {"state": state, "locked_until": None, "last_error": _error_text(error)}
@@ -432,7 +432,7 @@ async def _extend_quietly(maker: Any, job: Any, lease: float) -> bool:
         return True
 
 
-def check_json(payload: Any) -> None:
+def _check_json(payload: Any) -> None:
     """Refuse, with a ``TypeError`` or ``ValueError`` before the database is asked,
     a payload that would not come back as it went in on every backend: not JSON
     (a set, bytes), NaN or infinities, a lone surrogate, a key that is not a str
@@ -458,7 +458,7 @@ def check_json(payload: Any) -> None:
             stack.extend((item, depth + 1) for item in value)
 
 
-def retry_delay(backoff: float, attempts: int) -> float:
+def _retry_delay(backoff: float, attempts: int) -> float:
     """Seconds before the next attempt: ``backoff * 2**attempts``, at most ``MAX_DELAY``
     (and never an overflow, however many attempts)."""
     return min(backoff * 2.0 ** min(attempts, 64), MAX_DELAY)

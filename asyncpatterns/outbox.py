@@ -68,13 +68,13 @@ from .jobs import (
     LEASE,
     Sessions,
     _alone,
+    _check_json,
     _check_times,
     _error_text,
     _key,
     _pk,
+    _retry_delay,
     _update_if_held,
-    check_json,
-    retry_delay,
     utc_now,
 )
 
@@ -97,14 +97,14 @@ async def emit(
     the transaction first (``async with session.begin():``, ``session_scope``, the
     work of ``run_in_transaction``) and make the change in it: with none begun this
     raises ``NoTransactionError`` and writes nothing. It never commits. ``payload``
-    must be JSON that comes back the same on every backend (``jobs.check_json``),
+    must be JSON that comes back the same on every backend (``jobs._check_json``),
     ``topic`` (and ``key``, e.g. the aggregate's id) text that fits its column:
     anything else is a ``TypeError`` or ``ValueError`` here, before the database is
     asked. No savepoint, on purpose: an event the database refuses
     rolls the caller's transaction back (SQLAlchemy's rule for a failed flush), so
     the change cannot commit without its event.
     """
-    check_json(payload)
+    _check_json(payload)
     _check_text(model, "topic", topic)
     if key is not None:
         _check_text(model, "key", key)
@@ -298,7 +298,7 @@ async def _publish_one(
     except (Exception, asyncio.CancelledError) as exc:
         if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
             raise  # we are cancelled; a CancelledError of publish's own is a failure
-        delay = retry_delay(backoff, event.attempts)
+        delay = _retry_delay(backoff, event.attempts)
         retry = utc_now() + timedelta(seconds=delay)
         await _guarded(maker, event, locked_until=retry, last_error=_error_text(exc))
         log.warning(

@@ -20,8 +20,14 @@ without it:
   breaks the ties, in the ORDER BY and in the cursor.
 * A cursor trusted as it came: a tampered or truncated one was a 500 (a value
   the column cannot hold, a NUL PostgreSQL refuses) or a different query. Here
-  it is decoded, checked against the column's type and size, and bound to its
-  sort order; anything else is ``InvalidCursorError`` (a ``ValueError``: 400).
+  it is decoded, checked against the column's type and size (and its
+  TypeDecorator's own bind checks), and bound to its sort order; anything else is
+  ``InvalidCursorError`` (a ``ValueError``: 400).
+* A session kept across pages: a cached copy of a row someone renamed made the
+  next cursor from the stale name, and the walk never ended. Each page re-reads
+  its rows (``populate_existing``).
+* MySQL's ``ENUM`` sorts by the order its values were declared in, but compares
+  as text: pages by one skip rows. It is refused there.
 
 A cursor is a position, not a permission: it carries no filter, so a client who
 edits one only moves in the rows the query already lets it see (no signature is
@@ -38,7 +44,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -47,10 +53,14 @@ from sqlalchemy import inspect as sa_inspect
 from sqlmodel import SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from .columns import UTCDateTime
+
 MAX_PAGE_SIZE = 100  # rows a page holds at most (crud.list_page's too)
 MAX_CURSOR_LENGTH = 4096  # characters: two values, a string of 500 4-byte characters
 M = TypeVar("M", bound=SQLModel)
-INT_BITS = {sa.SmallInteger: 16, sa.Integer: 32, sa.BigInteger: 64}
+INT_BITS = {sa.SmallInteger: 16, sa.BigInteger: 64, sa.Integer: 32}  # subclasses first
+_NO_BIND = sa.TypeDecorator.process_bind_param  # a decorator that changes nothing on the way in
+MAX_SORT_LENGTH = 500  # characters a str sort key may hold: its cursor fits in a URL
 
 
 class InvalidCursorError(ValueError):
@@ -62,7 +72,7 @@ class InvalidCursorError(ValueError):
 class Page(Generic[M]):
     items: list[M]
     next: str | None = None  # the page after this one; None: this is the last
-    previous: str | None = None  # the page before; None: this is the first
+    previous: str | None = None  # the page before (empty if its rows were deleted); None: first
 
 
 async def keyset_page(
@@ -86,11 +96,15 @@ async def keyset_page(
     key = _primary_key(model)
     sort = key if order_by is None else sa_inspect(order_by).expression
     columns = [key] if sort is key else [sort, key]
+    dialect = session.get_bind().dialect
     for column in columns:
-        _check_sortable(column)
+        _check_sortable(column, dialect)
     order = ",".join(str(c.name) for c in columns)
-    backwards, position = (False, None) if cursor is None else _decode(cursor, order, columns)
-    statement = select(model).where(*where)
+    if cursor is None:
+        backwards, position = False, None
+    else:
+        backwards, position = _decode(cursor, order, columns, dialect)
+    statement = select(model).where(*where).execution_options(populate_existing=True)
     if position is not None:
         statement = statement.where(_beyond(columns, position, backwards))
     ordering = [c.desc() if backwards else c.asc() for c in columns]
@@ -115,7 +129,7 @@ def _primary_key(model: type[SQLModel]) -> Any:
     return primary[0]
 
 
-def _check_sortable(column: Any) -> None:
+def _check_sortable(column: Any, dialect: sa.Dialect) -> None:
     if not isinstance(column, sa.Column):
         raise TypeError(f"order_by must be a column of the model, not {column!r}")
     if column.nullable and not column.primary_key:
@@ -123,16 +137,40 @@ def _check_sortable(column: Any) -> None:
             f"{column.name} is nullable: NULLs do not compare, and a keyset page would "
             "lose those rows; sort by a NOT NULL column"
         )
-    if _kind(column) is None:
+    kind, stored = _kind(column), _stored(column)
+    if kind is None:
         raise TypeError(f"{column.name}: keyset pages sort by int, str, datetime or UUID")
+    bounded = isinstance(stored, sa.Uuid | sa.Enum) or (getattr(stored, "length", 0) or 0) > 0
+    if kind is str and not (bounded and (getattr(stored, "length", 0) or 0) <= MAX_SORT_LENGTH):
+        raise TypeError(
+            f"{column.name}: a str sort key needs a length of at most {MAX_SORT_LENGTH} "
+            "(its cursor must fit in a URL)"
+        )
+    if dialect.name == "mysql" and isinstance(stored, sa.Enum) and stored.native_enum:
+        raise TypeError(
+            f"{column.name}: MySQL sorts an ENUM by the order of its values but compares it "
+            "as text, so pages would skip rows; sort by another column"
+        )
+    decorator = type(column.type)
+    converts = getattr(decorator, "process_result_value", None)
+    if kind is int and converts not in (None, sa.TypeDecorator.process_result_value):
+        raise TypeError(f"{column.name}: its values are not the ints it stores (Money?)")
 
 
-def _kind(column: sa.Column[Any]) -> type | None:
+def _stored(column: Any) -> Any:
+    """The column's type as the database stores it: TypeDecorators unwrapped."""
     kind: Any = column.type
-    while isinstance(kind, sa.TypeDecorator):  # AutoString, UTCDateTime: what they store
+    while isinstance(kind, sa.TypeDecorator):  # AutoString, UTCDateTime, Email
         kind = kind.impl_instance
+    return kind
+
+
+def _kind(column: Any) -> type | None:
+    stored = _stored(column)
+    if isinstance(stored, sa.Uuid):
+        return uuid.UUID if getattr(stored, "as_uuid", True) else str
     try:
-        python = kind.python_type
+        python = stored.python_type
     except NotImplementedError:
         return None
     for kind in (bool, int, str, datetime, uuid.UUID):
@@ -153,7 +191,15 @@ def _beyond(columns: list[Any], position: list[Any], backwards: bool) -> Any:
 
 
 def _values(row: Any, columns: list[Any]) -> list[Any]:
-    return [getattr(row, _attribute(row, c)) for c in columns]
+    values = [getattr(row, _attribute(row, c)) for c in columns]
+    for column, value in zip(columns, values, strict=True):
+        kind = _kind(column)
+        if (kind is not None and not isinstance(value, kind)) or isinstance(value, bool):
+            raise TypeError(
+                f"{column.name} holds {type(value).__name__} values: keyset pages sort by "
+                "int, str, datetime or UUID"
+            )
+    return values
 
 
 def _attribute(row: Any, column: Any) -> str:
@@ -167,13 +213,15 @@ def _encode(order: str, way: str, values: list[Any]) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def _decode(cursor: str, order: str, columns: list[Any]) -> tuple[bool, list[Any]]:
+def _decode(
+    cursor: str, order: str, columns: list[Any], dialect: sa.Dialect
+) -> tuple[bool, list[Any]]:
     if not isinstance(cursor, str) or not cursor or len(cursor) > MAX_CURSOR_LENGTH:
         raise InvalidCursorError(f"a cursor is 1 to {MAX_CURSOR_LENGTH} characters")
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         made_for, way, values = json.loads(text)
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
         raise InvalidCursorError("not a cursor this API made") from exc
     if made_for != order:
         raise InvalidCursorError(f"a cursor of another sort order ({made_for!r})")
@@ -181,33 +229,66 @@ def _decode(cursor: str, order: str, columns: list[Any]) -> tuple[bool, list[Any
         raise InvalidCursorError("not a cursor this API made")
     if len(values) != len(columns):
         raise InvalidCursorError("not a cursor this API made")
-    return way == "previous", [_checked(c, v) for c, v in zip(columns, values, strict=True)]
+    checked = [_checked(c, v, dialect) for c, v in zip(columns, values, strict=True)]
+    return way == "previous", checked
 
 
-def _checked(column: Any, value: Any) -> Any:
+def _checked(column: Any, value: Any, dialect: sa.Dialect) -> Any:
     """The cursor's value as the column holds it, or ``InvalidCursorError``: never a
     value the database would refuse (a 500) or silently convert."""
-    kind, bad = _kind(column), InvalidCursorError(f"not a valid {column.name} in the cursor")
+    bad = InvalidCursorError(f"not a valid {column.name} in the cursor")
+    try:
+        parsed = _parsed(column, value, dialect)
+        binds = getattr(type(column.type), "process_bind_param", _NO_BIND)
+        if binds is not _NO_BIND:
+            column.type.process_bind_param(parsed, dialect)  # its own checks: Email, ExactText
+    except (ValueError, TypeError, OverflowError, LookupError):
+        raise bad from None
+    return parsed
+
+
+def _parsed(column: Any, value: Any, dialect: sa.Dialect) -> Any:
+    kind, stored = _kind(column), _stored(column)
     if kind is int:
-        bits = next((b for t, b in INT_BITS.items() if type(column.type) is t), 32)
+        bits = 64 if dialect.name == "sqlite" else _int_bits(stored)
         if type(value) is not int or not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
-            raise bad
+            raise ValueError(value)
         return value
     if not isinstance(value, str):
-        raise bad
+        raise TypeError(value)
+    if isinstance(stored, sa.Uuid):
+        parsed = uuid.UUID(value)
+        return parsed if stored.as_uuid else str(parsed)
     if kind is str:
-        length = getattr(column.type, "length", None)
+        length = getattr(stored, "length", None)
         if "\x00" in value or (length is not None and len(value) > length):
-            raise bad
-        try:
-            value.encode()
-        except UnicodeEncodeError:  # a lone surrogate: no database can hold it
-            raise bad from None
+            raise ValueError(value)
+        value.encode()  # a lone surrogate: no database holds it (UnicodeEncodeError)
+        if isinstance(stored, sa.Enum) and value not in stored.enums:
+            raise ValueError(value)  # PostgreSQL's enum refuses it: a 500
+        charset = column.table.kwargs.get("mysql_charset", "utf8mb4")
+        narrow = dialect.name == "mysql" and charset in ("utf8", "utf8mb3")
+        if narrow and any(ord(c) > 0xFFFF for c in value):  # 3 bytes a character at most
+            raise ValueError(value)
         return value
-    try:
-        parsed = datetime.fromisoformat(value) if kind is datetime else uuid.UUID(value)
-    except ValueError:
-        raise bad from None
-    if isinstance(parsed, datetime) and parsed.utcoffset() is None:
-        raise bad
-    return parsed
+    parsed_time = datetime.fromisoformat(value)
+    if (parsed_time.utcoffset() is not None) != _aware(column, dialect):
+        raise ValueError(value)  # naive for an aware column, or the reverse
+    if parsed_time.utcoffset() is not None:
+        parsed_time.astimezone(UTC)  # year 1 at +01:00 is before year 1 in UTC: OverflowError
+    return parsed_time
+
+
+def _int_bits(stored: Any) -> int:
+    for kind, bits in INT_BITS.items():  # SmallInteger and BigInteger before Integer
+        if isinstance(stored, kind):
+            return bits
+    return 32
+
+
+def _aware(column: Any, dialect: sa.Dialect) -> bool:
+    """Whether the column's times come back aware: ``UTCDateTime`` on every backend,
+    ``DateTime(timezone=True)`` on PostgreSQL only (SQLite and MySQL drop the zone)."""
+    if isinstance(column.type, UTCDateTime):
+        return True
+    return bool(getattr(_stored(column), "timezone", False)) and dialect.name == "postgresql"

@@ -468,4 +468,4 @@ async def test_an_error_text_no_database_can_hold_is_recorded_readably(engine: A
     assert await jobs.fail(engine, job, error, backoff=0) == jobs.QUEUED
     [stored] = await all_jobs(engine)
     assert stored.last_error == "RuntimeError: bad \ufffd ?"
-    assert jobs.retry_delay(1.0, 10_000) == jobs.MAX_DELAY  # 2**10000 would overflow a float
+    assert jobs._retry_delay(1.0, 10_000) == jobs.MAX_DELAY  # 2**10000 would overflow a float
