@@ -446,6 +446,48 @@ SMOKE = dict(
 
             asyncio.run(main())
         """,
+        "softdelete.py": """
+            from sqlmodel import Field
+
+            from myapp import crud, softdelete
+            from myapp.db import AlreadyExistsError, make_session_maker
+
+
+            class Tag(softdelete.SoftDelete, table=True):  # the reader's own table
+                id: int | None = Field(default=None, primary_key=True)
+                label: str = Field(max_length=40)
+
+
+            softdelete.unique_among_live(Tag, "label")
+
+
+            async def main():
+                engine = await fresh_engine()
+                async with make_session_maker(engine)() as session:
+                    old = await crud.create(session, Tag(label="sale"))
+                    try:
+                        await crud.create(session, Tag(label="sale"))
+                        raise AssertionError("two live tags share a label")
+                    except AlreadyExistsError:
+                        pass
+                    assert await softdelete.soft_delete(session, old)
+                    assert await crud.get(session, Tag, old.id) is None
+                    assert await crud.count(session, Tag) == 0
+                    new = await crud.create(session, Tag(label="sale"))  # freed by the delete
+                    try:
+                        await softdelete.restore(session, Tag, old.id)
+                        raise AssertionError("restored over a live label")
+                    except AlreadyExistsError:
+                        pass
+                    await softdelete.soft_delete(session, new)
+                    assert (await softdelete.restore(session, Tag, old.id)).label == "sale"
+                    everyone = select(Tag).execution_options(include_deleted=True)
+                    assert len((await session.exec(everyone)).all()) == 2
+                await finish(engine)
+
+
+            asyncio.run(main())
+        """,
         "exports.py": """
             import io
             from contextlib import aclosing
