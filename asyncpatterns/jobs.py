@@ -443,6 +443,9 @@ def _check_json(payload: Any) -> None:
         text = json.dumps(payload, allow_nan=False, ensure_ascii=False)
     except RecursionError:
         raise ValueError(f"the payload is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # the same words on every Python (3.13 adds the value)
+        what = "refers to itself" if "ircular" in str(exc) else "holds NaN or an infinity"
+        raise ValueError(f"the payload {what}: not JSON") from None
     if len(text.encode()) > MAX_PAYLOAD_BYTES:  # lone surrogates raise here too
         raise ValueError(f"the payload is over {MAX_PAYLOAD_BYTES:,} bytes as JSON")
     stack = [(payload, 1)]

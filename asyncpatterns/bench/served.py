@@ -216,15 +216,24 @@ class Server:
         )
 
     def settle(self, patience: float = 60.0) -> None:
-        """Wait until the requests still queued from the last cell are answered: one
-        GET answered within half a second (wrk stops sending, not the server serving)."""
+        """Wait until the requests still queued from the last cell are answered (wrk
+        stops sending, not the server serving): a read and a write, each answered
+        within half a second. A read alone says nothing of queued writes: on SQLite
+        (WAL) it is not held up by them, and the next cell's writes were."""
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             start = time.monotonic()
             with contextlib.suppress(httpx.HTTPError):  # a dead server shows in the cells
                 httpx.get(f"{self.base}/users/1", timeout=patience)
-            if time.monotonic() - start < 0.5:
-                return
+                read = time.monotonic()
+                httpx.patch(
+                    f"{self.base}/users/1",
+                    json={"name": "Settled"},
+                    headers={"If-Match": "*"},
+                    timeout=patience,
+                )
+                if read - start < 0.5 and time.monotonic() - read < 0.5:
+                    return
         # Still busy after a minute: the next cells will show it (few or no answers).
 
     def errors(self) -> str:
