@@ -14,6 +14,17 @@ registers no table in your metadata. What each one is for:
 * ``TimestampMixin`` -- ``created_at`` and ``updated_at`` set by the server.
 * ``UTCDateTime`` -- a time the application sets (a job's ``run_after``), read
   back as an aware UTC ``datetime`` on every backend, to the microsecond.
+* ``MutableJSON`` -- a JSON object whose changes in place are saved:
+  ``doc.data["k"] = v`` on a plain ``JSON`` column changes the dict the session
+  holds, marks nothing, and the commit writes nothing. On a row loaded from the
+  database only: SQLModel (0.0.50) keeps the plain ``dict`` of an object you
+  construct or assign to, so its in-place changes stay unseen until it is loaded
+  again (``flag_modified`` works on both). One level deep only:
+  ``doc.data["k"]["x"] = 1`` is still unseen (assign a new value, or
+  ``flag_modified(doc, "data")``), and build the new value from a copy: after an
+  in-place change, ``doc.data = {**doc.data}`` equals what the session holds, and
+  is not written either. ``json_key(Doc.data, "kind")`` addresses a key in a
+  query on every backend, or refuses one that cannot be.
 * ``TABLE_OPTIONS`` -- utf8mb4 on MySQL, and SQLite ids never reused.
 * ``NAMING_CONVENTION`` -- names for unnamed constraints, so an error names
   the same constraint on every backend (``db.constraint_error``): set it on
@@ -26,8 +37,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, String, func, text
+from sqlalchemy import JSON, BigInteger, DateTime, String, func, text
 from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import declared_attr
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -255,3 +267,27 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# A JSON object whose top-level changes mark the row changed (see the module docstring).
+MutableJSON = MutableDict.as_mutable(JSON)
+
+
+def json_key(column: Any, key: str) -> Any:
+    """``column[key]`` in a query (then ``.as_string()``, ``.as_integer()``...), for a
+    key every backend's JSON path can address. SQLAlchemy writes the key into the
+    path unescaped (``$."a"b"``) on SQLite and MySQL: a quote or a backslash makes
+    MySQL's path invalid (an error, a 500) and SQLite's match nothing. MariaDB
+    (10.11) finds no key that begins with ``-``, quoted or not. Such a key, and an
+    empty one or one with NUL, is a ``ValueError`` here."""
+    if (
+        not isinstance(key, str)
+        or not key
+        or key.startswith("-")
+        or any(c in key for c in '"\\\x00')
+    ):
+        raise ValueError(
+            "a JSON key to query by must be text without quotes or backslashes, "
+            f"not beginning with '-': {key!r}"
+        )
+    return column[key]

@@ -734,6 +734,7 @@ SMOKE = dict(
                 id: int | None = Field(default=None, primary_key=True)
                 version: int = columns.version_column()
                 __mapper_args__ = declared_attr.directive(columns.version_mapper_args)
+                notes: dict = Field(default_factory=dict, sa_type=columns.MutableJSON)
 
 
             async def main():
@@ -758,6 +759,15 @@ SMOKE = dict(
                 assert columns.checked_email("A@b.co") == "a@b.co"
                 assert columns.checked_name(" N ") == "N"
                 assert columns.to_cents(Decimal("12.34")) == 1234
+                async with sessions() as session:
+                    session.add(Ledger(notes={"kind": "cash"}))
+                    await session.commit()
+                async with sessions() as session:
+                    ledger = (await session.exec(select(Ledger))).one()  # loaded: tracked
+                    ledger.notes["kind"] = "card"  # in place: saved, MutableJSON
+                    await session.commit()
+                    cards = select(Ledger.id).where(columns.json_key(Ledger.notes, "kind").as_string() == "card")
+                    assert (await session.exec(cards)).all() == [ledger.id]
                 async with engine.begin() as conn:
                     await conn.run_sync(Own.metadata.drop_all)
                 await engine.dispose()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import re
 import sqlite3
 import tempfile
@@ -86,6 +87,18 @@ def in_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+def _json_text(value: Any) -> str:
+    """JSON as the kit's engines write it: letters as themselves, not ``\\u`` escapes.
+    SQLite (3.40) matches a key in a path only as it is written: ``{"\\u00fc": 1}``
+    has no ``$."ü"``. A lone surrogate, which has no UTF-8, stays an escape."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
+
+
 def make_engine(
     url: str | URL | None = None,
     *,
@@ -136,6 +149,7 @@ def make_engine(
     # prints them with a failed statement and with echo. Pass hide_parameters=False
     # to see them, on data that is not anyone's.
     defaults["hide_parameters"] = True
+    defaults["json_serializer"] = _json_text
     pooler = resolve_pooler(pooler) if backend == "postgresql" else None
     if pooler is not None and statement_timeout is not None and _autocommit(options):
         raise ConfigurationError(
