@@ -214,9 +214,9 @@ async def test_a_claim_in_progress_locks_only_its_batch(engine: AsyncEngine, bac
 
 async def test_a_claim_is_a_lease_and_only_its_holder_marks_it_sent(engine: AsyncEngine) -> None:
     await emit_many(engine, 1)
-    [first] = await outbox.claim(engine, Outbox, lease=0.05)
+    [first] = await outbox.claim(engine, Outbox, lease=1.0)  # long enough for a loaded CI
     assert await outbox.claim(engine, Outbox) == []  # leased
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(max(0.0, (first.locked_until - utc_now()).total_seconds()) + 0.05)
     [second] = await outbox.claim(engine, Outbox, lease=30)
     assert (second.id, second.attempts) == (first.id, 2)
     assert not await outbox.mark_sent(engine, first)  # its lease is over: another's now
