@@ -74,6 +74,8 @@ MAX_DEPTH = 31  # levels of arrays and objects: MariaDB's json_valid CHECK refus
 MAX_PAYLOAD_BYTES = 8_000_000  # half MySQL's default max_allowed_packet (16 MiB)
 
 M = TypeVar("M", bound=SQLModel)
+# What a worker or a relay waits out: the database away, busy, or no connection free.
+_UNAVAILABLE = (DBAPIError, DatabaseUnavailableError, PoolTimeout)
 Sessions = AsyncEngine | async_sessionmaker[AsyncSession]
 Handler = Callable[[AsyncSession, Any], Awaitable[None]]
 log = logging.getLogger("asyncpatterns.jobs")
@@ -308,29 +310,20 @@ async def run_worker(
     _check_times(lease=lease, backoff=backoff, poll=poll, grace=grace, max_attempts=max_attempts)
     maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
     how = {"lease": lease, "grace": grace, "max_attempts": max_attempts, "backoff": backoff}
-    ran, wake, down = 0, listener or Polling(), False
+    ran, wake, outage = 0, listener or Polling(), _Outage(log, "job queue")
     while not stop.is_set():
         heard = wake.heard  # a job enqueued while we claim still ends the wait below
         try:
             job = await claim(maker, model, lease=lease, max_attempts=max_attempts)
-            if down:
-                down = False
-                log.info("job queue: the database answers again")
+            outage.over()
             if job is not None:
                 await _run_one(maker, job, handler, stop, **how)
                 ran += 1
                 continue
-        except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
-            if isinstance(exc, DBAPIError) and not (
-                is_connection_lost(exc) or is_lock_timeout(exc)
-            ):
+        except _UNAVAILABLE as exc:
+            if not _waitable(exc):
                 raise
-            if not down:  # once per outage, not once per poll
-                down = True
-                log.warning(
-                    "job queue: the database is busy or unreachable (%s); waiting",
-                    type(exc).__name__,
-                )
+            outage.began(exc)
         await wake.wait(poll, since=heard, stop=stop)
     return ran
 
@@ -398,11 +391,8 @@ async def _settle(job: Any, lease: float, write: Callable[[], Awaitable[Any]]) -
     while True:
         try:
             return await write()
-        except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
-            lost = (
-                not isinstance(exc, DBAPIError) or is_connection_lost(exc) or is_lock_timeout(exc)
-            )
-            if not lost or loop.time() + delay > deadline:
+        except _UNAVAILABLE as exc:
+            if not _waitable(exc) or loop.time() + delay > deadline:
                 raise
             log.warning(
                 "job %s: outcome not recorded yet (%s); retrying", _key(job), type(exc).__name__
@@ -418,7 +408,7 @@ async def _give_back(maker: Any, job: Any, task: asyncio.Task[None]) -> None:
     try:
         if await release(maker, job):
             log.info("job %s released: its worker was cancelled", _key(job))
-    except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
+    except _UNAVAILABLE as exc:
         log.warning(
             "job %s: not released (%s); its lease will free it", _key(job), type(exc).__name__
         )
@@ -427,9 +417,37 @@ async def _give_back(maker: Any, job: Any, task: asyncio.Task[None]) -> None:
 async def _extend_quietly(maker: Any, job: Any, lease: float) -> bool:
     try:
         return await extend(maker, job, lease)
-    except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:  # the lease may hold
+    except _UNAVAILABLE as exc:  # the lease may hold
         log.warning("job %s: lease not renewed (%s)", _key(job), type(exc).__name__)
         return True
+
+
+def _waitable(exc: BaseException) -> bool:
+    """Whether an ``_UNAVAILABLE`` error is the database away or busy (wait, then try
+    again), rather than a statement it refuses (raise)."""
+    return not isinstance(exc, DBAPIError) or is_connection_lost(exc) or is_lock_timeout(exc)
+
+
+class _Outage:
+    """One warning when the database goes away, one line when it answers again: not
+    one per poll per worker."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger, self.what, self.down = logger, what, False
+
+    def began(self, exc: BaseException) -> None:
+        if not self.down:
+            self.down = True
+            self.logger.warning(
+                "%s: the database is busy or unreachable (%s); waiting",
+                self.what,
+                type(exc).__name__,
+            )
+
+    def over(self) -> None:
+        if self.down:
+            self.down = False
+            self.logger.info("%s: the database answers again", self.what)
 
 
 def _check_json(payload: Any) -> None:

@@ -53,17 +53,15 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.session import SessionTransactionOrigin
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .config import DatabaseUnavailableError
-from .db import is_connection_lost, is_lock_timeout, lock_for_writing, make_session_maker
+from .db import lock_for_writing, make_session_maker
 from .jobs import (
+    _UNAVAILABLE,
     BACKOFF,
     LEASE,
     Sessions,
@@ -72,9 +70,11 @@ from .jobs import (
     _check_times,
     _error_text,
     _key,
+    _Outage,
     _pk,
     _retry_delay,
     _update_if_held,
+    _waitable,
     utc_now,
 )
 
@@ -229,26 +229,18 @@ async def relay(
         # a plain function would publish, then fail at the await: sent again and again
         raise TypeError(f"publish must be an async function, not {publish!r}")
     maker = make_session_maker(sessions) if isinstance(sessions, AsyncEngine) else sessions
-    published, down = 0, False
+    published, outage = 0, _Outage(log, "outbox")
     while not stop.is_set():
         try:
             events = await claim(maker, model, batch=batch, lease=lease)
-            if down:
-                down = False
-                log.info("outbox: the database answers again")
+            outage.over()
             if events:
                 published += await _publish_all(maker, events, publish, stop, backoff)
                 continue
-        except (DBAPIError, DatabaseUnavailableError, PoolTimeout) as exc:
-            if isinstance(exc, DBAPIError) and not (
-                is_connection_lost(exc) or is_lock_timeout(exc)
-            ):
+        except _UNAVAILABLE as exc:
+            if not _waitable(exc):
                 raise
-            if not down:  # once per outage, not once per poll
-                down = True
-                log.warning(
-                    "outbox: the database is busy or unreachable (%s); waiting", type(exc).__name__
-                )
+            outage.began(exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), poll)
     return published
@@ -280,7 +272,7 @@ async def _give_back(maker: Any, events: list[Any], *, quietly: bool = False) ->
     for event in events:
         try:
             await _guarded(maker, event, locked_until=None)  # ours? free it now
-        except (DBAPIError, DatabaseUnavailableError, PoolTimeout):
+        except _UNAVAILABLE:
             if not quietly:
                 raise
             return  # the database is away: the leases will free them
